@@ -1,0 +1,38 @@
+"""The public Python API: `load`, `list_models`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from xmodal.models.hub import BUNDLED_DIR, bundled_models, load_model, read_model_meta
+
+
+def load(name_or_dir: str | Path, device: str | torch.device = "cpu"):
+    """A ready-to-call pipeline for a bundled model name or a saved model folder.
+
+    `xmodal.load("shapes-captioner")(images) -> list[str]`.
+    """
+    from xmodal.pipelines import pipeline_for
+
+    return pipeline_for(load_model(name_or_dir, device))
+
+
+def _card_quality(card: str) -> dict:
+    """The `quality:` JSON line of a model card (written by the training recipe from measured numbers)."""
+    m = re.search(r"^quality: (\{.*\})$", card, flags=re.M)
+    return json.loads(m.group(1)) if m else {}
+
+
+def list_models() -> list[dict]:
+    """Every bundled model: name, task, registry model and the quality its card reports."""
+    out = []
+    for name in bundled_models():
+        meta = read_model_meta(name)
+        card = (BUNDLED_DIR / name / "README.md")
+        quality = _card_quality(card.read_text()) if card.is_file() else {}
+        out.append({"name": name, "task": meta.get("task", "?"), "model": meta["model"], "quality": quality})
+    return out

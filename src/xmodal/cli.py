@@ -1,0 +1,126 @@
+"""The `xmodal` command line: a thin shell that parses, calls the library, and prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.source == "shapes":
+        from xmodal.data.shapes import write_shapes
+
+        stats = write_shapes(args.out, args.split, args.count, args.seed, args.size, progress=not args.quiet)
+        print(json.dumps({"out": str(args.out), "split": args.split, **{k: round(v, 3) for k, v in stats.items()}}))
+        return 0
+    from xmodal.data import importers as imp
+    from xmodal.data.prepared import ImportReport
+
+    report = ImportReport(args.source)
+    if args.source == "coco":
+        items = imp.coco_items(args.annotations, args.images, report, args.split)
+    elif args.source == "karpathy":
+        items = imp.karpathy_items(args.json, args.images, report)
+    elif args.source == "flickr":
+        items = imp.flickr_items(args.token, args.images, report, args.split)
+    else:
+        items = imp.folder_items(args.captions, args.images, report)
+    imp.write_items(items, args.out, report, mode=args.mode, total=len(items))
+    print(report.summary(), file=sys.stderr)
+    print(json.dumps({"out": str(args.out), "written": report.written,
+                      "problems": {k: v["count"] for k, v in report.problems.items()}}))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from xmodal.training.recipes import run_training
+
+    summary = run_training(args.config, overrides, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from xmodal.api import list_models
+
+    models = list_models()
+    if args.json:
+        for m in models:
+            print(json.dumps(m))
+        return 0
+    if not models:
+        print("no bundled models")
+    for m in models:
+        quality = ", ".join(f"{k}={v}" for k, v in m.get("quality", {}).items()) or "-"
+        print(f"{m['name']:<22} {m['task']:<15} {m['model']:<20} {quality}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xmodal import __version__
+
+    parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal generation: text -> image, image -> text.")
+    parser.add_argument("--version", action="version", version=f"xmodal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build or import a data set into the prepared format")
+    dsub = data.add_subparsers(dest="source", required=True)
+    shapes = dsub.add_parser("shapes", help="render a Shapes data set (WORLD.md)")
+    shapes.add_argument("out", type=Path)
+    shapes.add_argument("--split", choices=["train", "test", "novel"], default="train")
+    shapes.add_argument("--count", type=int, default=1000)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--size", type=int, default=64)
+    shapes.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, help_text in (("coco", "COCO captions JSON"), ("karpathy", "Karpathy split JSON"),
+                            ("flickr", "Flickr .token file"), ("folder", "a folder of images + JSONL/CSV captions")):
+        p = dsub.add_parser(name, help=f"import {help_text}")
+        if name == "coco":
+            p.add_argument("--annotations", type=Path, required=True, help="captions_*.json")
+        elif name == "karpathy":
+            p.add_argument("--json", type=Path, required=True, help="dataset_coco.json / dataset_flickr30k.json")
+        elif name == "flickr":
+            p.add_argument("--token", type=Path, required=True, help="results_20130124.token / Flickr8k.token.txt")
+        else:
+            p.add_argument("--captions", type=Path, required=True, help=".jsonl, .csv or .tsv with image and caption columns")
+        p.add_argument("--images", type=Path, required=True, help="folder the image paths are relative to")
+        p.add_argument("out", type=Path)
+        if name in ("coco", "flickr"):
+            p.add_argument("--split", default="train", help="split recorded for every image")
+        p.add_argument("--mode", choices=["copy", "symlink"], default="copy", help="copy images, or link to them")
+
+    train = sub.add_parser("train", help="train a model from a TOML config (extra --section.key=value override it)")
+    train.add_argument("config", type=Path)
+    train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+
+    models = sub.add_parser("models", help="list the bundled models")
+    models.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "data":
+            return _cmd_data(args)
+        if args.command == "train":
+            return _cmd_train(args, rest)
+        if args.command == "models":
+            return _cmd_models(args)
+    except (ValueError, OSError) as e:
+        print(f"xmodal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xmodal {args.command}: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

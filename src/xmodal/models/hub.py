@@ -1,0 +1,154 @@
+"""Model folders: `config.json` + `model.safetensors` (+ assets) + `README.md`.
+
+One module saves and loads every model. Loading never unpickles code: the
+weights are safetensors and the config is JSON; the registry name in the
+config picks the class. Weights saved on GPU load on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from xmodal.models.registry import get_model_class, make_config
+
+FORMAT_VERSION = 1
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
+
+
+class ModelLoadError(ValueError):
+    """A model name or folder that cannot be loaded; the message says why."""
+
+
+class PretrainedModel(nn.Module):
+    """Base of every registered model: a typed config, save and load as a folder.
+
+    Subclasses set `config_class` and `task`, and override `save_assets` /
+    `load_assets` when they carry files besides the weights (a vocabulary, a tokenizer).
+    """
+
+    config_class: ClassVar[type]
+    task: ClassVar[str] = "other"
+    registry_name: ClassVar[str]
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    # assets: files other than weights that the model needs (vocabulary, tokenizer)
+    def save_assets(self, folder: Path) -> None:
+        pass
+
+    def load_assets(self, folder: Path) -> None:
+        pass
+
+    def save_pretrained(self, folder: str | Path, card: str | None = None, extra: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        from xmodal import __version__
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT_VERSION,
+            "model": self.registry_name,
+            "task": self.task,
+            "config": dataclasses.asdict(self.config),
+            "xmodal_version": __version__,
+            **(extra or {}),
+        }
+        (folder / "config.json").write_text(json.dumps(meta, indent=2))
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(_untie(state), str(folder / "model.safetensors"))
+        self.save_assets(folder)
+        (folder / "README.md").write_text(card or default_card(meta))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> PretrainedModel:
+        model = load_model(folder, device)
+        if not isinstance(model, cls):
+            raise ModelLoadError(f"{folder} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage (tied weights): clone the repeats."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def default_card(meta: dict) -> str:
+    config = json.dumps(meta["config"], indent=2)
+    return f"# {meta['model']}\n\nTask: {meta['task']}. Saved by xmodal {meta['xmodal_version']}.\n\n```json\n{config}\n```\n"
+
+
+def bundled_models() -> list[str]:
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_model_dir(name_or_dir: str | Path) -> Path:
+    """A folder path as given, or the bundled model of that name."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a model folder (no config.json)")
+        return path
+    if str(name_or_dir) in bundled_models():
+        return BUNDLED_DIR / str(name_or_dir)
+    raise ModelLoadError(f"no model folder or bundled model named {str(name_or_dir)!r}; "
+                         f"bundled: {', '.join(bundled_models()) or '(none)'}")
+
+
+def read_model_meta(folder: str | Path) -> dict[str, Any]:
+    folder = resolve_model_dir(folder)
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{folder}/config.json: invalid JSON ({e})") from None
+    if not isinstance(meta, dict) or "model" not in meta or "config" not in meta:
+        raise ModelLoadError(f"{folder}/config.json: needs 'model' and 'config'")
+    return meta
+
+
+def load_model(name_or_dir: str | Path, device: str | torch.device = "cpu") -> PretrainedModel:
+    """Create the registered class from `config.json`, then load weights and assets."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = resolve_model_dir(name_or_dir)
+    meta = read_model_meta(folder)
+    cls = get_model_class(meta["model"])
+    model = cls(make_config(cls, meta["config"]))
+    model.load_assets(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ModelLoadError(f"{folder}: no model.safetensors")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except SafetensorError as e:
+        raise ModelLoadError(f"{weights}: unreadable weights ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{weights}: weights do not fit the config: {e}") from None
+    model.source = str(folder)
+    return model.to(device).eval()

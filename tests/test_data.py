@@ -1,0 +1,100 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xmodal.cli import main
+from xmodal.data.images import ImageLoadError, load_image, make_transform
+from xmodal.data.prepared import CaptionDataset, DataFormatError, read_records
+from xmodal.data.shapes import ShapesDataset
+from xmodal.data.text import Vocabulary, clean_caption
+from xmodal.worlds.judge import read_scene
+from xmodal.worlds.shapes import Scene, parse
+
+
+def test_clean_caption():
+    assert clean_caption("  A Dog,   running!\tfast. ") == "a dog running fast"
+    assert clean_caption("Don't_stop") == "don t stop"
+
+
+def test_vocabulary_roundtrip(tmp_path):
+    vocab = Vocabulary.build(["a red circle", "a blue circle", "a rare word"], min_freq=2)
+    assert vocab.words[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "rare" not in vocab
+    ids = vocab.encode("A red circle!")
+    assert ids[0] == vocab.start_id and ids[-1] == vocab.end_id
+    assert vocab.decode(ids) == "a <unk> circle"
+    assert vocab.decode([vocab.start_id, vocab.index["a"], vocab.end_id, vocab.index["circle"]]) == "a"
+    vocab.save(tmp_path / "v.json")
+    assert Vocabulary.load(tmp_path / "v.json").words == vocab.words
+    with pytest.raises(ValueError):
+        Vocabulary(["a", "b"])
+
+
+def test_load_image_modes_exif_and_errors(tmp_path):
+    Image.new("L", (10, 6), 128).save(tmp_path / "gray.png")
+    assert load_image(tmp_path / "gray.png").mode == "RGB"
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
+    img = Image.new("RGB", (10, 6), (0, 0, 255))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(tmp_path / "rot.jpg").size == (6, 10)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError, match="bad.png"):
+        load_image(tmp_path / "bad.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "gray.png").read_bytes()[:40])
+    with pytest.raises(ImageLoadError, match="cut.png"):
+        load_image(tmp_path / "cut.png")
+    with pytest.raises(ImageLoadError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_decompression_bomb_refused(tmp_path, monkeypatch):
+    import xmodal.data.images as images
+    Image.new("RGB", (200, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(tmp_path / "big.png")
+
+
+def test_presets_shapes():
+    img = Image.new("RGB", (300, 200), (255, 0, 0))
+    assert make_transform("imagenet224")(img).shape == (3, 224, 224)
+    t = make_transform("small64")(img)
+    assert t.shape == (3, 64, 64) and torch.allclose(t[0], torch.ones(64, 64))
+    with pytest.raises(ValueError, match="valid"):
+        make_transform("nope")
+
+
+def test_shapes_cli_writes_parseable_readable_set(tmp_path, capsys):
+    assert main(["data", "shapes", str(tmp_path / "s"), "--split", "test", "--count", "40", "--seed", "1", "--quiet"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["count"] == 40 and stats["images_per_s"] > 0
+    records = read_records(tmp_path / "s")
+    assert len(records) == 40
+    for r in records:
+        scene = Scene.from_dict(r["scene"])
+        assert parse(r["captions"][0]) == scene.spec
+        assert read_scene(np.asarray(Image.open(tmp_path / "s" / r["image"]))) == scene.spec
+    ds = CaptionDataset(tmp_path / "s", split="test")
+    image, captions, record = ds[0]
+    assert image.shape == (3, 64, 64) and captions == records[0]["captions"]
+
+
+def test_shapes_dataset_matches_disk(tmp_path):
+    main(["data", "shapes", str(tmp_path / "s"), "--split", "train", "--count", "3", "--seed", "2", "--quiet"])
+    disk = CaptionDataset(tmp_path / "s")
+    mem = ShapesDataset("train", count=3, seed=2)
+    for i in range(3):
+        assert torch.allclose(disk[i][0], mem[i][0], atol=1e-6) and disk[i][1] == mem[i][1]
+
+
+def test_reader_errors_name_the_line(tmp_path):
+    with pytest.raises(DataFormatError, match="not a prepared data set"):
+        read_records(tmp_path)
+    (tmp_path / "captions.jsonl").write_text('{"image": "a.png", "captions": ["x"]}\n{oops\n')
+    with pytest.raises(DataFormatError, match=":2: invalid JSON"):
+        read_records(tmp_path)

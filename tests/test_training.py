@@ -1,0 +1,126 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny import make_trainer
+from xmodal.training.config import ConfigError, apply_overrides, build_dataclass, load_config
+from xmodal.training.loop import TrainConfig
+
+HELPER = Path(__file__).parent / "helpers" / "tiny.py"
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model" / "model.safetensors"))
+
+
+def assert_same(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_falls_and_logs(tmp_path):
+    trainer = make_trainer(tmp_path, steps=30)
+    summary = trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 30 and len(log) == 30
+    assert log[-1]["loss"] < log[0]["loss"] * 0.5
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    make_trainer(tmp_path / "full", ema=0.9).train()
+
+    def crash(step):
+        if step == 13:  # last checkpoint was at step 10: steps 11-13 are lost and redone
+            raise RuntimeError("simulated crash")
+
+    crashed = make_trainer(tmp_path / "resumed", ema=0.9)
+    crashed.on_step = crash
+    with pytest.raises(RuntimeError):
+        crashed.train()
+    resumed = make_trainer(tmp_path / "resumed", ema=0.9, init_seed=99)  # other init: must come from checkpoint
+    assert resumed.resume() and resumed.step == 10
+    resumed.train()
+    assert_same(weights(tmp_path / "full"), weights(tmp_path / "resumed"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))  # the lost steps' log lines were dropped, not duplicated
+
+
+def test_killed_process_resumes_to_same_weights(tmp_path):
+    cmd = [sys.executable, str(HELPER), "--steps", "40", "--sleep", "0.05"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "full")], check=True, capture_output=True)
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 15):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it was killed"
+    subprocess.run([*cmd, "--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True)
+    assert_same(weights(tmp_path / "full"), weights(tmp_path / "killed"))
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--dropout", "0", "--steps", "12"]
+    subprocess.run([sys.executable, str(HELPER), *common, "--out", str(tmp_path / "single")],
+                   check=True, capture_output=True, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", "29517", str(HELPER)]
+    result = subprocess.run([*torchrun, *common, "--out", str(tmp_path / "ddp")], capture_output=True,
+                            env=env, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same(weights(tmp_path / "single"), weights(tmp_path / "ddp"), exact=False)
+
+
+def test_early_stopping_keeps_best(tmp_path):
+    scores = iter([0.5, 0.7, 0.6, 0.6, 0.6, 0.9])
+    trainer = make_trainer(tmp_path, steps=40, eval_every=5, early_stop_metric="acc", patience=3)
+    trainer.evaluate_fn = lambda model: {"acc": next(scores)}
+    summary = trainer.train()
+    assert summary["stopped_early"] and summary["steps"] == 25
+    assert summary["best"] == {"acc": 0.7}
+    assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_bf16_autocast_trains(tmp_path):
+    summary = make_trainer(tmp_path, steps=5, bf16=True).train()
+    assert summary["steps"] == 5
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('# comment\n[model]\nname = "x"\n[train]\nsteps = 10\n')
+    config = load_config(path, ["--train.steps=200", "--train.bf16=true", "--data.path=some/dir"])
+    assert config["train"] == {"steps": 200, "bf16": True} and config["data"] == {"path": "some/dir"}
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_dataclass(TrainConfig, {"stpes": 3}, "train")
+    with pytest.raises(ConfigError, match="unknown section"):
+        apply_overrides({}, ["--trian.steps=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["steps=3"])
+    path.write_text("[oops]\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_config(path)
+
+
+def test_resume_refuses_other_batch_size(tmp_path):
+    make_trainer(tmp_path, steps=5).train()
+    other = make_trainer(tmp_path, steps=10)
+    other.config.batch_size = 8
+    with pytest.raises(ValueError, match="batch_size"):
+        other.resume()
