@@ -3,7 +3,15 @@ import pytest
 
 from xmodal.worlds.judge import read_scene
 from xmodal.worlds.shapes import (
-    HELD_OUT_PAIRS, ObjectSpec, Scene, SceneObject, SceneSpec, parse, render, sample_scene, scene_seed,
+    HELD_OUT_PAIRS,
+    ObjectSpec,
+    Scene,
+    SceneObject,
+    SceneSpec,
+    parse,
+    render,
+    sample_scene,
+    scene_seed,
 )
 
 

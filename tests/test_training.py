@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny import make_trainer
+
 from xmodal.training.config import ConfigError, apply_overrides, build_dataclass, load_config
 from xmodal.training.loop import TrainConfig
 

@@ -42,6 +42,68 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _expand_images(paths: list[Path]) -> list[Path]:
+    """Files as given; folders expand to their image files, sorted."""
+    out = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    import xmodal
+    from xmodal.data.images import ImageLoadError, load_image
+
+    pipe = xmodal.load(args.model)
+    paths = _expand_images(args.images)
+    if not paths:
+        raise ValueError("no images to caption (folders held no image files)")
+    if args.attention_map and len(paths) != 1:
+        raise ValueError("--attention-map draws one image: give exactly one")
+    options = {"method": "beam" if args.beam > 1 else "greedy", "beam_size": args.beam}
+    if args.max_len:
+        options["max_len"] = args.max_len
+    if args.min_len:
+        options["min_len"] = args.min_len
+    from tqdm import tqdm
+
+    failed = 0
+    bar = tqdm(total=len(paths), desc="caption", unit="img", disable=not sys.stderr.isatty() or len(paths) < 64)
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        images, good = [], []
+        for p in chunk:
+            try:
+                images.append(load_image(p))
+                good.append(p)
+            except ImageLoadError as e:
+                failed += 1
+                print(f"skipped: {e}", file=sys.stderr)
+        results = pipe.describe(images, return_attention=bool(args.attention_map), **options) if images else []
+        for p, r in zip(good, results):
+            print(json.dumps({"image": str(p), "caption": r.caption}) if args.json else f"{p}\t{r.caption}", flush=True)
+        bar.update(len(chunk))
+        if args.attention_map and results:
+            from xmodal.viz import attention_figure
+
+            if not results[0].words:
+                raise ValueError("the caption is empty: no words to draw attention for (try --min-len)")
+            if results[0].attention is None:
+                raise ValueError(f"model {pipe.name} gives no attention weights")
+            attention_figure(images[0], results[0].words, results[0].attention, args.attention_map)
+            print(f"attention map: {args.attention_map}", file=sys.stderr)
+    bar.close()
+    if failed:
+        print(f"{failed} of {len(paths)} images skipped (unreadable)", file=sys.stderr)
+    return 1 if failed == len(paths) else 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from xmodal.api import list_models
 
@@ -95,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path)
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
 
+    caption = sub.add_parser("caption", help="describe images")
+    caption.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    caption.add_argument("--model", default="shapes-captioner", help="bundled model name or model folder")
+    caption.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
+    caption.add_argument("--max-len", type=int, default=0, help="words at most (default: the model's)")
+    caption.add_argument("--min-len", type=int, default=0, help="words before the caption may end")
+    caption.add_argument("--batch-size", type=int, default=64)
+    caption.add_argument("--json", action="store_true", help='one line per image: {"image": ..., "caption": ...}')
+    caption.add_argument("--attention-map", type=Path, help="PNG drawing each word's attention (one image)")
+
     models = sub.add_parser("models", help="list the bundled models")
     models.add_argument("--json", action="store_true")
     return parser
@@ -110,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_data(args)
         if args.command == "train":
             return _cmd_train(args, rest)
+        if args.command == "caption":
+            return _cmd_caption(args)
         if args.command == "models":
             return _cmd_models(args)
     except (ValueError, OSError) as e:

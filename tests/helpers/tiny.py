@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from xmodal.models.hub import PretrainedModel
 from xmodal.models.registry import register_model
-from xmodal.training.loop import Trainer, TrainConfig
+from xmodal.training.loop import TrainConfig, Trainer
 
 
 @dataclass

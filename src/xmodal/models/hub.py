@@ -47,6 +47,9 @@ class PretrainedModel(nn.Module):
     def load_assets(self, folder: Path) -> None:
         pass
 
+    def config_for_saving(self) -> dict:
+        return dataclasses.asdict(self.config)
+
     def save_pretrained(self, folder: str | Path, card: str | None = None, extra: dict | None = None) -> Path:
         from safetensors.torch import save_file
 
@@ -58,7 +61,7 @@ class PretrainedModel(nn.Module):
             "format": FORMAT_VERSION,
             "model": self.registry_name,
             "task": self.task,
-            "config": dataclasses.asdict(self.config),
+            "config": self.config_for_saving(),
             "xmodal_version": __version__,
             **(extra or {}),
         }

@@ -14,7 +14,10 @@ from typing import Any
 
 _REGISTRY: dict[str, type] = {}
 # name -> module that registers it (imported on first use, keeps `import xmodal` light)
-_MODULES: dict[str, str] = {}
+_MODULES: dict[str, str] = {
+    "sat-captioner": "xmodal.models.sat_captioner",
+    "transformer-captioner": "xmodal.models.transformer_captioner",
+}
 
 
 def register_model(name: str):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 SECTIONS = ("model", "data", "train")
 

@@ -1,0 +1,98 @@
+"""Image encoders: grid features (B, N, D) and pooled features (B, D).
+
+- `SmallCNN`: three conv stages for 64 px images -> an 8x8 grid (N = 64).
+- `ResNetEncoder`: torchvision ResNet-18/34/50 without its head; the last stage's
+  grid (N = (H/32) * (W/32)). `weights=None` (random init, the default),
+  `"imagenet"` (torchvision's own download, for online users only), or a path to
+  a local state dict. `trainable=False` freezes it (feature extraction).
+
+Every encoder has `forward_features(images) -> (B, N, D)` and
+`forward_pooled(images) -> (B, D)`, and `out_dim`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESNETS = ("resnet18", "resnet34", "resnet50")
+IMAGE_ENCODERS = ("small-cnn", *RESNETS)
+
+
+class SmallCNN(nn.Module):
+    """3x64x64 -> (B, 64, D): conv-BN-ReLU stages, each halving the side after the first."""
+
+    def __init__(self, width: int = 32, out_dim: int = 128):
+        super().__init__()
+
+        def stage(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                                 nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.body = nn.Sequential(
+            stage(3, width, 2),  # 32x32
+            stage(width, 2 * width, 2),  # 16x16
+            stage(2 * width, out_dim, 2),  # 8x8
+        )
+        self.out_dim = out_dim
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.body(images)  # (B, D, H', W')
+        return grid.flatten(2).transpose(1, 2)  # (B, N, D)
+
+    def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(images).mean(dim=1)
+
+    forward = forward_features
+
+
+class ResNetEncoder(nn.Module):
+    def __init__(self, arch: str = "resnet18", weights: str | None = None, trainable: bool = True):
+        super().__init__()
+        import torchvision
+
+        if arch not in RESNETS:
+            raise ValueError(f"unknown ResNet {arch!r}; valid: {RESNETS}")
+        tv_weights = None
+        if weights == "imagenet":  # torchvision downloads these; only for users who are online
+            tv_weights = torchvision.models.get_model_weights(arch).DEFAULT
+        net = torchvision.models.get_model(arch, weights=tv_weights)
+        if weights not in (None, "imagenet"):
+            path = Path(weights)
+            if not path.is_file():
+                raise ValueError(f"ResNet weights {weights!r}: no such file (use None, 'imagenet' or a state-dict path)")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if unexpected or [k for k in missing if not k.startswith("fc.")]:
+                raise ValueError(f"{path}: not a {arch} state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
+        self.out_dim = net.fc.in_features
+        self.trainable = trainable
+        self.requires_grad_(trainable)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.trainable:
+            self.body.eval()  # frozen: batch-norm statistics stay as loaded
+        return self
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.body(images)  # (B, D, H/32, W/32)
+        return grid.flatten(2).transpose(1, 2)  # (B, N, D)
+
+    def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(images).mean(dim=1)
+
+    forward = forward_features
+
+
+def create_image_encoder(name: str, width: int = 32, out_dim: int = 128, weights: str | None = None,
+                         trainable: bool = True) -> nn.Module:
+    if name == "small-cnn":
+        return SmallCNN(width=width, out_dim=out_dim)
+    if name in RESNETS:
+        return ResNetEncoder(name, weights=weights, trainable=trainable)
+    raise ValueError(f"unknown image encoder {name!r}; valid: {IMAGE_ENCODERS}")

@@ -1,0 +1,110 @@
+"""A transformer decoder over CNN grid features (pre-norm; causal self-attention, cross-attention).
+
+In the spirit of "Attention Is All You Need" (Vaswani et al. 2017) applied to
+captioning as in many follow-ups: the grid features, projected and given learned
+position embeddings, are the memory the decoder cross-attends to. Differences: a
+small model for CPU, pre-norm blocks, and cross-attention weights (mean over heads of
+the last layer) returned per step so attention maps work as with the LSTM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xmodal.models.captioning import Captioner
+from xmodal.models.image_encoders import create_image_encoder
+from xmodal.models.registry import register_model
+
+
+@dataclass
+class TransformerCaptionerConfig:
+    vocab_size: int = 32
+    image_encoder: str = "small-cnn"
+    encoder_width: int = 32
+    encoder_dim: int = 128
+    encoder_weights: str | None = None
+    encoder_trainable: bool = True
+    image_preset: str = "shapes64"
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    ff_dim: int = 512
+    dropout: float = 0.1
+    max_regions: int = 256  # N: grid positions with a learned embedding
+    max_len: int = 20  # words, for decoding
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, d: int, heads: int, ff: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, memory, causal_mask, need_weights: bool = False):
+        # x (B, T, d), memory (B, N, d), causal_mask (T, T) bool, True = blocked
+        h = self.norm1(x)
+        x = x + self.dropout(self.self_attn(h, h, h, attn_mask=causal_mask, need_weights=False)[0])
+        h = self.norm2(x)
+        attended, weights = self.cross_attn(h, memory, memory, need_weights=need_weights)  # weights (B, T, N)
+        x = x + self.dropout(attended)
+        x = x + self.dropout(self.mlp(self.norm3(x)))
+        return x, weights
+
+
+@register_model("transformer-captioner")
+class TransformerCaptioner(Captioner):
+    config_class = TransformerCaptionerConfig
+
+    def __init__(self, config: TransformerCaptionerConfig):
+        super().__init__(config)
+        c = config
+        self.image_encoder = create_image_encoder(c.image_encoder, c.encoder_width, c.encoder_dim,
+                                                  c.encoder_weights, c.encoder_trainable)
+        self.memory_proj = nn.Linear(self.image_encoder.out_dim, c.d_model)
+        self.region_pos = nn.Parameter(torch.zeros(c.max_regions, c.d_model))
+        self.token_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.token_pos = nn.Parameter(torch.zeros(c.max_len + 2, c.d_model))
+        nn.init.normal_(self.region_pos, std=0.02)
+        nn.init.normal_(self.token_pos, std=0.02)
+        self.blocks = nn.ModuleList(DecoderBlock(c.d_model, c.n_heads, c.ff_dim, c.dropout) for _ in range(c.n_layers))
+        self.norm = nn.LayerNorm(c.d_model)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.head.weight = self.token_emb.weight  # tied input/output embeddings
+
+    def encode_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.image_encoder.forward_features(images)  # (B, N, D)
+        n = features.size(1)
+        if n > self.config.max_regions:
+            raise ValueError(f"the image gives {n} regions; this model embeds at most max_regions={self.config.max_regions}")
+        return {"memory": self.memory_proj(features) + self.region_pos[:n]}  # (B, N, d)
+
+    def _decode(self, memory: torch.Tensor, tokens: torch.Tensor, need_weights: bool = False):
+        t = tokens.size(1)
+        if t > self.token_pos.size(0):
+            raise ValueError(f"{t} tokens exceed this model's max_len + 2 = {self.token_pos.size(0)}")
+        x = self.token_emb(tokens) + self.token_pos[:t]  # (B, T, d)
+        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
+        weights = None
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, memory, mask, need_weights=need_weights and i == len(self.blocks) - 1)
+        return self.head(self.norm(x)), weights  # (B, T, V), (B, T, N) | None
+
+    def init_state(self, memory: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        b = memory["memory"].size(0)
+        return {**memory, "prefix": torch.empty(b, 0, dtype=torch.long, device=memory["memory"].device)}
+
+    def step(self, state: dict, tokens: torch.Tensor):
+        prefix = torch.cat([state["prefix"], tokens[:, None]], dim=1)  # (B, t)
+        logits, weights = self._decode(state["memory"], prefix, need_weights=True)
+        return logits[:, -1].float().log_softmax(-1), {**state, "prefix": prefix}, weights[:, -1]
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        memory = self.encode_images(images)["memory"]
+        logits, _ = self._decode(memory, tokens[:, :-1])
+        return logits, logits.new_zeros(())

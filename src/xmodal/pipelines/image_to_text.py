@@ -1,0 +1,72 @@
+"""Image -> text: load images, preprocess as the model was trained, decode, detokenize."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from xmodal.data.images import load_image, make_transform
+from xmodal.models.decoding import DecodeOptions, decode
+
+ImageLike = Image.Image | str | Path | np.ndarray
+
+
+@dataclass
+class CaptionResult:
+    caption: str
+    score: float
+    words: list[str]
+    attention: torch.Tensor | None  # (L, h, w) grid per word, when asked for
+
+
+class ImageToTextPipeline:
+    def __init__(self, model, options: DecodeOptions | None = None):
+        self.model = model.eval()
+        self.vocab = model.vocab
+        self.transform = make_transform(model.config.image_preset)
+        self.options = options or DecodeOptions(max_len=model.config.max_len)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.model, "source", self.model.registry_name)
+
+    def _to_tensor(self, image: ImageLike) -> torch.Tensor:
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        elif isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"an array image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+            image = Image.fromarray(image)
+        elif not isinstance(image, Image.Image):
+            raise TypeError(f"cannot caption a {type(image).__name__}; give PIL images, paths or uint8 arrays")
+        return self.transform(image.convert("RGB"))
+
+    @torch.no_grad()
+    def describe(self, images: Sequence[ImageLike], batch_size: int = 128, return_attention: bool = False,
+                 generator: torch.Generator | None = None, **options) -> list[CaptionResult]:
+        """Captions with scores (and attention grids) for each image, in order."""
+        opts = replace(self.options, **options) if options else self.options
+        results = []
+        device = self.model.device
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self._to_tensor(im) for im in images[start:start + batch_size]]).to(device)
+            for d in decode(self.model, batch, opts, generator=generator, return_attention=return_attention):
+                words = [self.vocab.words[i] for i in d.tokens]
+                attention = None
+                if d.attention is not None:
+                    n = d.attention.size(-1)
+                    side = int(round(n ** 0.5))
+                    attention = d.attention.view(-1, side, n // side) if side * (n // side) == n else d.attention
+                results.append(CaptionResult(" ".join(words), d.score, words, attention))
+        return results
+
+    def __call__(self, images: Sequence[ImageLike] | ImageLike, **options) -> list[str]:
+        """Caption images (PIL images, paths or (H, W, 3) uint8 arrays) -> one string each."""
+        if isinstance(images, (Image.Image, str, Path, np.ndarray)):
+            images = [images]
+        return [r.caption for r in self.describe(list(images), **options)]

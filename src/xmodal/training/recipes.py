@@ -1,0 +1,160 @@
+"""Recipes: from a TOML config to data, model, trainer and a saved, measured model folder.
+
+The `[model]` section names a registered model (`name = "sat-captioner"`) and sets
+its config fields; the model's task picks the recipe, which builds the data from
+`[data]` and runs the one `Trainer` with `[train]`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from xmodal.training.config import ConfigError, build_dataclass, load_config
+from xmodal.training.loop import TrainConfig, Trainer
+
+
+@dataclass
+class CaptionDataConfig:
+    kind: Literal["shapes", "prepared"] = "shapes"
+    path: str = ""  # prepared: the data-set folder
+    split: str = "train"
+    eval_split: str = "val"  # prepared: records used for evaluation during training (if present)
+    count: int = 20_000  # shapes: training scenes, rendered once into memory
+    seed: int = 0  # shapes: base seed (image i has seed offset(split) + seed * 10^6 + i)
+    size: int = 64  # shapes: image side
+    eval_count: int = 300  # evaluation images (shapes: fresh `test` scenes; prepared: first of eval_split)
+    captions: Literal["first", "random"] = "first"  # which reference to train on per image
+    min_freq: int = 1  # vocabulary: words seen fewer times become <unk>
+    max_len: int = 20  # words per training caption (longer are cut)
+
+
+def _caption_data(data: CaptionDataConfig, preset: str):
+    from xmodal.data.prepared import CaptionDataset, read_records
+    from xmodal.data.shapes import ShapesDataset
+
+    if data.kind == "shapes":
+        train = ShapesDataset("train", data.count, data.seed, data.size, cache=True, progress=True)
+        evaluation = ShapesDataset("test", data.eval_count, data.seed + 1000, data.size, cache=True)
+        return train, evaluation
+    if data.kind == "prepared":
+        if not data.path:
+            raise ConfigError("[data]: kind = 'prepared' needs path = '<prepared data-set folder>'")
+        from xmodal.data.images import make_transform
+
+        transform = make_transform(preset)
+        train = CaptionDataset(data.path, data.split, transform)
+        records = [r for r in read_records(data.path) if r.get("split") == data.eval_split][: data.eval_count]
+        evaluation = CaptionDataset(data.path, transform=transform, records=records) if records else None
+        return train, evaluation
+    raise ConfigError(f"[data]: kind {data.kind!r} is not one of ('shapes', 'prepared')")
+
+
+def caption_quality(model, dataset, batch_size: int = 128, beam_size: int = 1, meteor: bool = False) -> dict:
+    """Exact match (when records carry Shapes scenes), BLEU-4 and CIDEr-D on a data set."""
+    from xmodal.metrics.captions import caption_scores, exact_match
+    from xmodal.models.decoding import DecodeOptions, decode
+    from xmodal.worlds.shapes import Scene
+
+    options = DecodeOptions(method="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
+                            max_len=model.config.max_len)
+    candidates, references, scenes = [], [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([it[0] for it in items]).to(device)
+        for d, (_, captions, record) in zip(decode(model, images, options), items):
+            candidates.append(model.vocab.decode(d.tokens))
+            references.append(captions)
+            if "scene" in record:
+                scenes.append(Scene.from_dict(record["scene"]).spec)
+    scores = caption_scores(candidates, references, meteor=meteor)
+    result = {"bleu4": scores["bleu4"], "cider_d": scores["cider_d"]}
+    if len(scenes) == len(candidates):
+        result["exact_match"] = exact_match(candidates, scenes)
+    return result
+
+
+def _card(name: str, config_path: Path, overrides: list[str], data: CaptionDataConfig, train: TrainConfig,
+          model, quality: dict, seconds: float) -> str:
+    command = " ".join(["xmodal train", str(config_path), *map(shlex.quote, overrides)])
+    return (
+        f"# {name}\n\n"
+        f"A `{model.registry_name}` ({model.num_parameters():,} parameters), task `{model.task}`.\n\n"
+        f"- Data: {json.dumps(asdict(data))}\n"
+        f"- Training command: `{command}`\n"
+        f"- Training: {train.steps} steps, batch {train.batch_size}, {seconds / 60:.1f} minutes on "
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU'} ({torch.get_num_threads()} threads)\n"
+        f"- Quality on the evaluation set at the end of training (greedy decoding):\n\n"
+        f"quality: {json.dumps({k: round(v, 4) for k, v in quality.items()})}\n"
+    )
+
+
+def _train_captioner(config: dict, config_path: Path, overrides: list[str], resume: bool, model_cls) -> dict:
+    from xmodal.data.text import Vocabulary
+    from xmodal.models.captioning import CaptionCollate
+    from xmodal.models.registry import make_config
+
+    data = build_dataclass(CaptionDataConfig, config.get("data", {}), "data")
+    train_cfg = build_dataclass(TrainConfig, config.get("train", {}), "train")
+    model_values = {k: v for k, v in config["model"].items() if k != "name"}
+    preset = model_values.get("image_preset", "shapes64")
+    train_set, eval_set = _caption_data(data, preset)
+    records = train_set._records if hasattr(train_set, "_records") and train_set._records else train_set.records
+    captions = [c for r in records for c in (r["captions"][:1] if data.captions == "first" else r["captions"])]
+    vocab = Vocabulary.build(captions, min_freq=data.min_freq)
+    torch.manual_seed(train_cfg.seed)  # same initial weights on every run of this config
+    model = model_cls(make_config(model_cls, {**model_values, "vocab_size": len(vocab), "max_len": data.max_len}))
+    model.vocab = vocab
+    evaluate = (lambda m: caption_quality(m, eval_set)) if eval_set is not None else None
+    trainer = Trainer(model, train_set, train_cfg, collate_fn=CaptionCollate(vocab, data.max_len, data.captions),
+                      evaluate=evaluate)
+    _prepare_out_dir(trainer, resume)
+    start = time.perf_counter()
+    summary = trainer.train()
+    seconds = time.perf_counter() - start
+    if trainer.dist.main and eval_set is not None:
+        from xmodal.models.hub import load_model
+
+        final = load_model(summary["model_dir"])
+        quality = caption_quality(final, eval_set)
+        summary["quality"] = quality
+        card = _card(Path(train_cfg.out_dir).name, config_path, overrides, data, train_cfg, final, quality, seconds)
+        (Path(summary["model_dir"]) / "README.md").write_text(card)
+    return summary
+
+
+def _prepare_out_dir(trainer: Trainer, resume: bool) -> None:
+    if resume:
+        if trainer.resume():
+            print(f"resuming from {trainer.checkpoint_path} at step {trainer.step}", file=sys.stderr)
+        else:
+            print(f"no checkpoint at {trainer.checkpoint_path}: starting from step 0", file=sys.stderr)
+    elif trainer.checkpoint_path.exists():
+        raise ConfigError(f"{trainer.checkpoint_path} exists: pass --resume to continue that run, "
+                          f"or set --train.out_dir=<another folder>")
+
+
+RECIPES = {"image-to-text": _train_captioner}
+
+
+def run_training(config_path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
+    from xmodal.models.registry import get_model_class
+
+    config_path = Path(config_path)
+    overrides = list(overrides or [])
+    config = load_config(config_path, overrides)
+    if "name" not in config.get("model", {}):
+        raise ConfigError(f"{config_path}: [model] needs name = '<registered model>'")
+    model_cls = get_model_class(config["model"]["name"])
+    recipe = RECIPES.get(model_cls.task)
+    if recipe is None:
+        raise ConfigError(f"no training recipe for task {model_cls.task!r}; recipes: {sorted(RECIPES)}")
+    return recipe(config, config_path, overrides, resume, model_cls)
