@@ -42,6 +42,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+DEFAULT_GENERATOR = "shapes-gan"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -102,6 +103,123 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} of {len(paths)} images skipped (unreadable)", file=sys.stderr)
     return 1 if failed == len(paths) else 0
+
+
+def _read_prompts_file(path: Path) -> tuple[list[str], int]:
+    """Non-empty lines of a prompts file; returns (prompts, skipped blank/undecodable lines)."""
+    prompts, skipped = [], 0
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                print(f"skipped: {path}:{line_no}: not UTF-8 text", file=sys.stderr)
+                skipped += 1
+                continue
+            if line:
+                prompts.append(line)
+    return prompts, skipped
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import warnings
+
+    import xmodal
+    from xmodal.models.text_encoders import UnknownWordsError
+
+    prompts = list(args.prompts)
+    skipped = 0
+    if args.prompts_file:
+        if not args.prompts_file.is_file():
+            raise ValueError(f"{args.prompts_file}: no such prompts file")
+        more, skipped = _read_prompts_file(args.prompts_file)
+        prompts += more
+    if not prompts:
+        raise ValueError("no prompts: give PROMPT arguments or --prompts-file FILE")
+    pipe = xmodal.load(args.model)
+    options = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("sampler", args.sampler),
+                                 ("negative", args.negative)) if v is not None}
+    if options and not getattr(pipe.model, "supports_sampler_options", False):
+        raise ValueError(f"{', '.join('--' + k for k in options)}: model {pipe.name} ({pipe.model.registry_name}) "
+                         "takes no sampler options")
+    args.out.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(prompts) * args.n, desc="generate", unit="img", disable=not sys.stderr.isatty())
+    k, failed = 0, 0
+    for index, prompt in enumerate(prompts):  # one prompt at a time so a bad one is skipped, not fatal
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                results = pipe.generate([prompt], n=args.n, seed=args.seed + k, batch_size=args.batch_size,
+                                        strict=args.strict, **options)
+            for w in caught:
+                print(f"warning: prompt {index + 1}: {w.message}", file=sys.stderr)
+        except (UnknownWordsError, ValueError, TypeError) as e:
+            print(f"skipped: prompt {index + 1} {prompt!r}: {e}", file=sys.stderr)
+            failed += 1
+            k += args.n
+            bar.update(args.n)
+            continue
+        for j, r in enumerate(results):
+            path = args.out / f"{index:04d}-{j:02d}-seed{r.seed}.png"
+            r.image.save(path)
+            if args.json:
+                print(json.dumps({"prompt": r.prompt, "file": str(path), "seed": r.seed}), flush=True)
+            else:
+                print(f"{path}\t{r.prompt}", flush=True)
+        k += args.n
+        bar.update(args.n)
+    bar.close()
+    if failed or skipped:
+        print(f"{failed} of {len(prompts)} prompts failed, {skipped} unreadable lines skipped", file=sys.stderr)
+    return 1 if failed == len(prompts) else 0
+
+
+DEMO_PROMPTS = [
+    "a large red circle",
+    "a small blue square above a large yellow triangle",
+    "there is a large green cross to the left of a small purple diamond",
+    "a small orange circle is below a large blue cross",
+    "the image shows a small yellow diamond",
+    "a large purple square to the right of a small red triangle",
+    "a large green triangle",  # a colour-shape pair never seen in training (WORLD.md's novel split)
+    "a small purple circle above a large orange square",  # two unseen pairs
+]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import html as html_lib
+
+    import xmodal
+    from xmodal.sheets import html_sheet, picture_sheet
+    from xmodal.worlds.shapes import parse
+
+    generator, captioner = xmodal.load(args.generator), xmodal.load(args.captioner)
+    print(f"generator: {generator.name} ({generator.model.registry_name}); "
+          f"captioner: {captioner.name} ({captioner.model.registry_name})")
+    results = generator.generate(DEMO_PROMPTS, n=1, seed=args.seed)
+    images = [r.image for r in results]
+    captions = captioner(images)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, matches = [], 0
+    width = max(len(p) for p in DEMO_PROMPTS)
+    print(f"\n{'prompt':<{width}}  {'caption of the generated image':<62} match")
+    for prompt, caption in zip(DEMO_PROMPTS, captions):
+        ok = parse(caption) is not None and parse(caption) == parse(prompt)
+        matches += ok
+        print(f"{prompt:<{width}}  {caption:<62} {'yes' if ok else 'no'}")
+        rows.append(f"<tr><td>{html_lib.escape(prompt)}</td><td>{html_lib.escape(caption)}</td><td>{'yes' if ok else 'no'}</td></tr>")
+    for i, im in enumerate(images):
+        im.save(args.out / f"{i:02d}.png")
+    labels = [[f"prompt: {p}", f"caption: {c}"] for p, c in zip(DEMO_PROMPTS, captions)]
+    png = picture_sheet(images, labels, args.out / "sheet.png")
+    table = "<table><tr><th>prompt</th><th>caption</th><th>match</th></tr>" + "".join(rows) + "</table>"
+    page = html_sheet(images, labels, args.out / "sheet.html", "xmodal demo: text -> image -> text",
+                      f"{matches} of {len(DEMO_PROMPTS)} round trips match (scene parsed from the caption equals the "
+                      f"prompt's). Generator {generator.name}, captioner {captioner.name}, seed {args.seed}.", table)
+    print(f"\n{matches}/{len(DEMO_PROMPTS)} round trips match. Picture sheet: {png} and {page}")
+    return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -167,6 +285,34 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--json", action="store_true", help='one line per image: {"image": ..., "caption": ...}')
     caption.add_argument("--attention-map", type=Path, help="PNG drawing each word's attention (one image)")
 
+    gen = sub.add_parser("generate", help="generate images from text prompts")
+    gen.add_argument("prompts", nargs="*", help="text prompts")
+    gen.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    gen.add_argument("--model", default=DEFAULT_GENERATOR,
+                     help="bundled model name or model folder")
+    gen.add_argument("-n", type=int, default=1, help="images per prompt")
+    gen.add_argument("--seed", type=int, default=0, help="image k of the run uses seed + k")
+    gen.add_argument("--out", "-o", type=Path, default=Path("out"), help="folder for the PNGs")
+    gen.add_argument("--batch-size", type=int, default=64)
+    gen.add_argument("--json", action="store_true", help='one line per image: {"prompt", "file", "seed"}')
+    gen.add_argument("--strict", action="store_true", help="unknown words are an error, not a warning")
+    gen.add_argument("--steps", type=int, help="sampler steps (diffusion models)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (diffusion models)")
+    gen.add_argument("--sampler", help="ddpm | ddim | dpm (diffusion models)")
+    gen.add_argument("--negative", help="negative prompt (diffusion models)")
+
+    demo = sub.add_parser("demo", help="generate pictures from sample prompts and caption them back")
+    demo.add_argument("--generator", default=DEFAULT_GENERATOR)
+    demo.add_argument("--captioner", default="shapes-captioner")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", "-o", type=Path, default=Path("out/demo"))
+
+    srv = sub.add_parser("serve", help="HTTP server with a web page (FastAPI)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--generator", default=DEFAULT_GENERATOR)
+    srv.add_argument("--captioner", default="shapes-captioner")
+
     models = sub.add_parser("models", help="list the bundled models")
     models.add_argument("--json", action="store_true")
     return parser
@@ -182,6 +328,15 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_data(args)
         if args.command == "train":
             return _cmd_train(args, rest)
+        if args.command == "serve":
+            from xmodal.server import serve
+
+            serve(args.host, args.port, args.generator, args.captioner)
+            return 0
+        if args.command == "demo":
+            return _cmd_demo(args)
+        if args.command == "generate":
+            return _cmd_generate(args)
         if args.command == "caption":
             return _cmd_caption(args)
         if args.command == "models":

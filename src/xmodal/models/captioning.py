@@ -43,7 +43,14 @@ class Captioner(PretrainedModel):
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         tokens = batch["tokens"]  # (B, T) <start> ... <end> <pad>...
-        logits, aux = self(batch["images"], tokens)  # (B, T-1, V)
+        inputs = tokens
+        p = getattr(self.config, "word_dropout", 0.0)
+        if self.training and p > 0:
+            # word dropout (Bowman et al. 2016): hide some previous words from the decoder so that it
+            # reads the image instead of guessing from the words so far (helps unseen combinations)
+            hide = (torch.rand(tokens.shape, device=tokens.device) < p) & (tokens > Vocabulary.end_id)
+            inputs = tokens.masked_fill(hide, Vocabulary.unk_id)
+        logits, aux = self(batch["images"], inputs)  # (B, T-1, V)
         target = tokens[:, 1:]
         xent = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
                                ignore_index=Vocabulary.pad_id)

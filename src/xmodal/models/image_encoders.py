@@ -1,6 +1,8 @@
 """Image encoders: grid features (B, N, D) and pooled features (B, D).
 
 - `SmallCNN`: three conv stages for 64 px images -> an 8x8 grid (N = 64).
+- `FactorizedCNN`: a colour-blind form stream and a shape-blind colour stream, for
+  flat-background pictures such as the Shapes world (compositional generalization).
 - `ResNetEncoder`: torchvision ResNet-18/34/50 without its head; the last stage's
   grid (N = (H/32) * (W/32)). `weights=None` (random init, the default),
   `"imagenet"` (torchvision's own download, for online users only), or a path to
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
-IMAGE_ENCODERS = ("small-cnn", *RESNETS)
+IMAGE_ENCODERS = ("small-cnn", "factorized-cnn", *RESNETS)
 
 
 class SmallCNN(nn.Module):
@@ -41,6 +43,45 @@ class SmallCNN(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         grid = self.body(images)  # (B, D, H', W')
         return grid.flatten(2).transpose(1, 2)  # (B, N, D)
+
+    def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(images).mean(dim=1)
+
+    forward = forward_features
+
+
+class FactorizedCNN(nn.Module):
+    """Two streams for flat-background pictures (64 px -> (B, 64, D)): *form* and *colour*.
+
+    The form stream sees only a soft foreground mask (each pixel's distance from the border
+    colour, squashed), so it cannot tell colours apart; the colour stream sees each pixel
+    alone (1x1 convolutions) and is averaged over the foreground of each grid cell, so it
+    cannot tell shapes apart. Their grids are concatenated. Built for compositional
+    generalization: a colour-shape pair never seen in training still gets the colour
+    features of its colour and the form features of its shape. For photographs use a ResNet.
+    """
+
+    def __init__(self, width: int = 32, out_dim: int = 128, color_dim: int = 32, threshold: float = 0.2):
+        super().__init__()
+        if not 0 < color_dim < out_dim:
+            raise ValueError(f"color_dim must be in 1..out_dim-1, got {color_dim} (out_dim {out_dim})")
+        self.form = SmallCNN(width, out_dim - color_dim)
+        self.form.body[0][0] = nn.Conv2d(1, width, 3, 2, 1, bias=False)  # one input channel: the mask
+        self.color = nn.Sequential(nn.Conv2d(3, color_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(color_dim, color_dim, 1))
+        self.threshold = threshold
+        self.out_dim = out_dim
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
+        background = border.median(dim=2).values[..., None, None]  # (B, 3, 1, 1)
+        distance = (images - background).abs().amax(dim=1, keepdim=True)  # (B, 1, H, W)
+        mask = torch.sigmoid((distance - self.threshold) / 0.05)
+        form = self.form.body(mask)  # (B, Df, H/8, W/8)
+        cell = h // form.size(2)
+        weight = nn.functional.avg_pool2d(mask, cell) + 1e-4  # foreground share per cell
+        color = nn.functional.avg_pool2d(self.color(images) * mask, cell) / weight  # (B, Dc, H/8, W/8)
+        return torch.cat([form, color], dim=1).flatten(2).transpose(1, 2)  # (B, N, D)
 
     def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images).mean(dim=1)
@@ -93,6 +134,8 @@ def create_image_encoder(name: str, width: int = 32, out_dim: int = 128, weights
                          trainable: bool = True) -> nn.Module:
     if name == "small-cnn":
         return SmallCNN(width=width, out_dim=out_dim)
+    if name == "factorized-cnn":
+        return FactorizedCNN(width=width, out_dim=out_dim, color_dim=max(1, out_dim // 4))
     if name in RESNETS:
         return ResNetEncoder(name, weights=weights, trainable=trainable)
     raise ValueError(f"unknown image encoder {name!r}; valid: {IMAGE_ENCODERS}")

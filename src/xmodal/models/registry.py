@@ -17,6 +17,11 @@ _REGISTRY: dict[str, type] = {}
 _MODULES: dict[str, str] = {
     "sat-captioner": "xmodal.models.sat_captioner",
     "transformer-captioner": "xmodal.models.transformer_captioner",
+    "cvae": "xmodal.models.cvae",
+    "dfgan": "xmodal.models.dfgan",
+    "autoencoder": "xmodal.models.autoencoder",
+    "latent-diffusion": "xmodal.models.diffusion",
+    "clip": "xmodal.models.clip",
 }
 
 

@@ -36,6 +36,7 @@ class SATConfig:
     dropout: float = 0.3
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regularizer
     max_len: int = 20  # words, for decoding
+    word_dropout: float = 0.0  # share of previous words hidden (as <unk>) from the decoder in training
 
 
 class SoftAttention(nn.Module):

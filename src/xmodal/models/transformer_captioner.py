@@ -35,6 +35,7 @@ class TransformerCaptionerConfig:
     dropout: float = 0.1
     max_regions: int = 256  # N: grid positions with a learned embedding
     max_len: int = 20  # words, for decoding
+    word_dropout: float = 0.0  # share of previous words hidden (as <unk>) from the decoder in training
 
 
 class DecoderBlock(nn.Module):

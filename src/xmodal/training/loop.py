@@ -229,10 +229,13 @@ class Trainer:
         self.evaluate_fn, self.on_step = evaluate, on_step
         self.save_model_fn = save_model or (lambda m, folder: m.save_pretrained(folder))
         self.out_dir = Path(config.out_dir)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
+        # a model may split its parameters into groups with their own `lr_scale` (e.g. GAN G and D)
+        groups = model.param_groups() if hasattr(model, "param_groups") else [{"params": list(model.parameters())}]
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if config.ema > 0 else None
         self.step = 0
@@ -383,7 +386,7 @@ class Trainer:
             for batch in loader:
                 lr = self.lr_at(self.step)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 batch = move_to(batch, self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
                     out = module(batch)

@@ -92,7 +92,7 @@ def _card(name: str, config_path: Path, overrides: list[str], data: CaptionDataC
         f"- Training command: `{command}`\n"
         f"- Training: {train.steps} steps, batch {train.batch_size}, {seconds / 60:.1f} minutes on "
         f"{'CUDA' if torch.cuda.is_available() else 'CPU'} ({torch.get_num_threads()} threads)\n"
-        f"- Quality on the evaluation set at the end of training (greedy decoding):\n\n"
+        f"- Quality on the evaluation set at the end of training:\n\n"
         f"quality: {json.dumps({k: round(v, 4) for k, v in quality.items()})}\n"
     )
 
@@ -142,7 +142,129 @@ def _prepare_out_dir(trainer: Trainer, resume: bool) -> None:
                           f"or set --train.out_dir=<another folder>")
 
 
-RECIPES = {"image-to-text": _train_captioner}
+def generator_quality(model, prompts: list[str], truths: list, reader=None, seed: int = 0, batch_size: int = 128) -> dict:
+    """Scene accuracy of one image per prompt, read by the pixel judge (default) or another reader."""
+    import numpy as np
+
+    from xmodal.metrics.scenes import judge_reader, scene_accuracy
+    from xmodal.pipelines.text_to_image import TextToImagePipeline
+
+    images = TextToImagePipeline(model)(prompts, n=1, seed=seed, batch_size=batch_size)
+    reads = (reader or judge_reader)([np.asarray(im) for im in images])
+    return scene_accuracy(truths, reads)
+
+
+def retrieval_quality(model, dataset, batch_size: int = 256) -> dict:
+    """Recall@1 both ways among all pairs of `dataset` (first caption of each image)."""
+    from xmodal.metrics.retrieval import recall_at_k
+
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    texts = [dataset[i][1][0] for i in range(len(dataset))]
+    with torch.no_grad():
+        image_emb = torch.cat([model.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        text_emb = torch.cat([model.encode_text(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+    return recall_at_k(image_emb @ text_emb.t(), k=1)
+
+
+def _eval_prompts(data: CaptionDataConfig, eval_set) -> tuple[list[str], list]:
+    from xmodal.worlds.shapes import Scene
+
+    if data.kind != "shapes" or eval_set is None:
+        return [], []
+    records = [eval_set.item(i)[0] for i in range(len(eval_set))]
+    return [r["captions"][0] for r in records], [Scene.from_dict(r["scene"]).spec for r in records]
+
+
+def _first_stage(path: str, train_set, count: int = 1000):
+    """Load a trained autoencoder and measure the std of its latents (to scale them to unit variance)."""
+    import dataclasses
+
+    from xmodal.models.hub import load_model
+
+    autoencoder = load_model(path)
+    if autoencoder.registry_name != "autoencoder":
+        raise ConfigError(f"[model] autoencoder_path {path!r} holds a {autoencoder.registry_name}, not an autoencoder")
+    images = torch.stack([train_set[i][0] for i in range(min(count, len(train_set)))])
+    with torch.no_grad():
+        scale = float(autoencoder.encode(images).std())
+    return autoencoder, {"autoencoder": dataclasses.asdict(autoencoder.config), "latent_scale": scale}
+
+
+def _train_autoencoder(config: dict, config_path: Path, overrides: list[str], resume: bool, model_cls) -> dict:
+    from xmodal.models.generation import GenerationCollate
+    from xmodal.models.registry import make_config
+
+    data = build_dataclass(CaptionDataConfig, config.get("data", {}), "data")
+    train_cfg = build_dataclass(TrainConfig, config.get("train", {}), "train")
+    train_set, eval_set = _caption_data(data, "shapes64")
+    torch.manual_seed(train_cfg.seed)
+    model = model_cls(make_config(model_cls, {k: v for k, v in config["model"].items() if k != "name"}))
+
+    def evaluate(m):
+        images = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
+        with torch.no_grad():
+            return {"psnr": float(10 * torch.log10(4.0 / ((m.decode(m.encode(images)) - images) ** 2).mean()))}
+
+    trainer = Trainer(model, train_set, train_cfg, collate_fn=GenerationCollate("first"),
+                      evaluate=evaluate if eval_set is not None else None)
+    _prepare_out_dir(trainer, resume)
+    summary = trainer.train()
+    if trainer.dist.main and eval_set is not None:
+        from xmodal.models.hub import load_model
+
+        summary["quality"] = evaluate(load_model(summary["model_dir"]))
+    return summary
+
+
+def _train_generator(config: dict, config_path: Path, overrides: list[str], resume: bool, model_cls) -> dict:
+    from xmodal.models.generation import GenerationCollate
+    from xmodal.models.registry import make_config
+    from xmodal.models.text_encoders import prepare_text_encoder
+
+    data = build_dataclass(CaptionDataConfig, {"captions": "random", **config.get("data", {})}, "data")
+    train_cfg = build_dataclass(TrainConfig, config.get("train", {}), "train")
+    model_values = {k: v for k, v in config["model"].items() if k != "name"}
+    train_set, eval_set = _caption_data(data, "shapes64")
+    records = train_set._records if getattr(train_set, "_records", None) else train_set.records
+    captions = [c for r in records for c in r["captions"]]
+    spec = model_values.pop("text_encoder", model_cls.config_class().text_encoder)
+    text_encoder, spec = prepare_text_encoder(spec, captions, seed=train_cfg.seed,
+                                              log=lambda m: print(m, file=sys.stderr))
+    first_stage = None
+    if "autoencoder_path" in model_values:  # latent diffusion: a trained first stage, frozen
+        first_stage, first_values = _first_stage(model_values.pop("autoencoder_path"), train_set)
+        model_values.update(first_values)
+    torch.manual_seed(train_cfg.seed)
+    model = model_cls(make_config(model_cls, {**model_values, "text_encoder": spec}))
+    model.text_encoder.load_state_dict(text_encoder.state_dict())
+    if first_stage is not None:
+        model.autoencoder.load_state_dict(first_stage.state_dict())
+    if hasattr(text_encoder, "tokenizer"):
+        model.text_encoder.tokenizer = text_encoder.tokenizer
+    prompts, truths = _eval_prompts(data, eval_set)
+    if model_cls.task == "image-text-alignment":
+        evaluate = (lambda m: retrieval_quality(m, eval_set)) if eval_set is not None else None
+    else:
+        evaluate = (lambda m: generator_quality(m, prompts, truths)) if prompts else None
+    trainer = Trainer(model, train_set, train_cfg, collate_fn=GenerationCollate(data.captions), evaluate=evaluate)
+    _prepare_out_dir(trainer, resume)
+    start = time.perf_counter()
+    summary = trainer.train()
+    seconds = time.perf_counter() - start
+    if trainer.dist.main and evaluate is not None:
+        from xmodal.models.hub import load_model
+
+        final = load_model(summary["model_dir"])
+        quality = evaluate(final)
+        summary["quality"] = quality
+        shown = {"judge_scene_accuracy": quality["scene_accuracy"]} if "scene_accuracy" in quality else quality
+        card = _card(Path(train_cfg.out_dir).name, config_path, overrides, data, train_cfg, final, shown, seconds)
+        (Path(summary["model_dir"]) / "README.md").write_text(card)
+    return summary
+
+
+RECIPES = {"image-to-text": _train_captioner, "text-to-image": _train_generator,
+           "image-text-alignment": _train_generator, "image-autoencoder": _train_autoencoder}
 
 
 def run_training(config_path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:

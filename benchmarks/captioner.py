@@ -1,0 +1,79 @@
+"""Captioner quality and speed on fresh Shapes images (WORLD.md's measures).
+
+    python benchmarks/captioner.py [--model shapes-captioner] [--count 1000] [--beam 3]
+
+Quality: exact match, BLEU-4 and CIDEr-D on `test` and `novel` scenes drawn from seeds
+never used in training (base seed 77; training uses the `train` split's seed range).
+Speed: captions per second for batches of 256, and the median latency of one image,
+both with the beam size given (and greedy), on whatever threads torch has here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import xmodal
+from xmodal.data.shapes import ShapesDataset
+from xmodal.metrics.captions import caption_scores, exact_match
+from xmodal.worlds.shapes import Scene
+
+
+def quality(pipe, split: str, count: int, beam: int) -> dict:
+    data = ShapesDataset(split, count, seed=77, cache=True)
+    images = [data.item(i)[1] for i in range(count)]
+    records = [data.item(i)[0] for i in range(count)]
+    captions = pipe(images, method="beam" if beam > 1 else "greedy", beam_size=beam, batch_size=256)
+    scores = caption_scores(captions, [r["captions"] for r in records], meteor=False)
+    scenes = [Scene.from_dict(r["scene"]).spec for r in records]
+    wrong = [(c, r["captions"][0]) for c, r, s in zip(captions, records, scenes) if xmodal_parse(c) != s][:5]
+    return {"exact_match": round(exact_match(captions, scenes), 4), "bleu4": round(scores["bleu4"], 4),
+            "cider_d": round(scores["cider_d"], 4), "rouge_l": round(scores["rouge_l"], 4), "examples_wrong": wrong}
+
+
+def xmodal_parse(text):
+    from xmodal.worlds.shapes import parse
+
+    return parse(text)
+
+
+def speed(pipe, beam: int, batch: int = 256, repeats: int = 3) -> dict:
+    data = ShapesDataset("test", batch, seed=78, cache=True)
+    images = [data.item(i)[1] for i in range(batch)]
+    options = {"method": "beam" if beam > 1 else "greedy", "beam_size": beam}
+    pipe(images[:8], **options)  # warm up
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pipe(images, batch_size=batch, **options)
+        rates.append(batch / (time.perf_counter() - start))
+    latencies = []
+    for i in range(30):
+        start = time.perf_counter()
+        pipe([images[i]], **options)
+        latencies.append(time.perf_counter() - start)
+    return {"captions_per_s_batched": round(max(rates), 1), "single_image_ms_median": round(1000 * statistics.median(latencies), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="shapes-captioner")
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--beam", type=int, default=3)
+    args = parser.parse_args()
+    pipe = xmodal.load(args.model)
+    result = {"model": args.model, "registry": pipe.model.registry_name, "parameters": pipe.model.num_parameters(),
+              "threads": torch.get_num_threads(), "beam": args.beam}
+    for split in ("test", "novel"):
+        result[split] = quality(pipe, split, args.count, args.beam)
+    result["speed_beam"] = speed(pipe, args.beam)
+    result["speed_greedy"] = speed(pipe, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

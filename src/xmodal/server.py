@@ -1,0 +1,214 @@
+"""`xmodal serve`: a FastAPI server over the two pipelines, with a web page at `/`.
+
+Models load once, when the app starts. Requests are gathered by a small batcher: those
+that arrive within a few milliseconds of each other (and ask for the same sampler
+options) run as one batch on the model, one batch at a time, so concurrent clients
+queue instead of fighting over the CPU. Bad input gets a 4xx with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+MAX_IMAGES_PER_REQUEST = 16
+PAGE = Path(__file__).parent / "web" / "index.html"
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(..., description="what to draw")
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    seed: int = Field(0, ge=0, le=2**62)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance: float | None = Field(None, ge=0, le=50)
+    sampler: str | None = None
+    negative: str | None = None
+
+
+@dataclass
+class _Job:
+    payload: Any
+    future: asyncio.Future
+    key: Any = None
+
+
+@dataclass
+class Batcher:
+    """Runs `fn(list of payloads) -> list of results` on batches of jobs with the same key."""
+
+    fn: Callable[[list], list]
+    max_batch: int = 64
+    wait_s: float = 0.005
+    queue: asyncio.Queue | None = None
+    _task: asyncio.Task | None = None
+    batches: int = 0
+    jobs: int = 0
+    _pending: list = field(default_factory=list)
+
+    async def submit(self, payload, key=None):
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            self._task = asyncio.create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Job(payload, future, key))
+        return await future
+
+    async def _run(self):
+        while True:
+            job = self._pending.pop(0) if self._pending else await self.queue.get()
+            batch = [job]
+            deadline = time.perf_counter() + self.wait_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.perf_counter()
+                if timeout <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                (batch if nxt.key == job.key else self._pending).append(nxt)
+            self.batches += 1
+            self.jobs += len(batch)
+            try:
+                results = await run_in_threadpool(self.fn, [j.payload for j in batch])
+                for j, r in zip(batch, results):
+                    if not j.future.done():
+                        j.future.set_result(r)
+            except Exception as e:  # noqa: BLE001 - handed to each waiting request
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+
+
+def create_app(generator: str = "shapes-gan", captioner: str = "shapes-captioner",
+               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    import xmodal
+    from xmodal.data.images import ImageLoadError
+    from xmodal.models.text_encoders import UnknownWordsError
+    from xmodal.sheets import png_base64
+
+    app = FastAPI(title="xmodal", description="text -> image and image -> text")
+    gen_pipe = xmodal.load(generator)
+    cap_pipe = xmodal.load(captioner)
+
+    def run_generate(requests: list[GenerateRequest]) -> list:
+        req = requests[0]
+        options = {k: v for k, v in (("steps", req.steps), ("guidance", req.guidance), ("sampler", req.sampler),
+                                     ("negative", req.negative)) if v is not None}
+        prompts, seeds = [], []
+        for r in requests:
+            prompts += [r.prompt] * r.n
+            seeds += [r.seed + k for k in range(r.n)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            images = gen_pipe.model.generate(prompts, seeds, **options)
+        from xmodal.data.images import to_pil
+
+        out, i = [], 0
+        for r in requests:
+            out.append([{"seed": s, "png_base64": png_base64(to_pil(images[i + k]))}
+                        for k, s in enumerate(seeds[i:i + r.n])])
+            i += r.n
+        return out
+
+    def run_caption(images: list) -> list[str]:
+        return cap_pipe(images, batch_size=64)
+
+    gen_batcher = Batcher(run_generate, max_batch=8)
+    cap_batcher = Batcher(run_caption, max_batch=64)
+    app.state.batchers = {"generate": gen_batcher, "caption": cap_batcher}
+
+    @app.exception_handler(ValueError)
+    async def value_error(_: Request, exc: ValueError):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "generator": gen_pipe.name, "captioner": cap_pipe.name}
+
+    @app.get("/v1/models")
+    def models():
+        return {"loaded": {"generator": {"name": generator, "model": gen_pipe.model.registry_name},
+                           "captioner": {"name": captioner, "model": cap_pipe.model.registry_name}},
+                "bundled": xmodal.list_models()}
+
+    @app.post("/v1/generate")
+    async def generate(req: GenerateRequest):
+        if not req.prompt.strip():
+            raise HTTPException(400, "prompt is empty")
+        if len(req.prompt) > 500:
+            raise HTTPException(400, "prompt is longer than 500 characters")
+        options_given = any(v is not None for v in (req.steps, req.guidance, req.sampler, req.negative))
+        if options_given and not getattr(gen_pipe.model, "supports_sampler_options", False):
+            raise HTTPException(400, f"model {generator} takes no sampler options (steps, guidance, sampler, negative)")
+        if req.sampler is not None and req.sampler not in ("ddpm", "ddim", "dpm"):
+            raise HTTPException(400, f"sampler {req.sampler!r} is not one of ddpm, ddim, dpm")
+        try:  # name unknown words now, in this request's answer
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                gen_pipe.model.text_encoder.encode([req.prompt])
+        except (UnknownWordsError, ValueError) as e:
+            raise HTTPException(400, str(e)) from None
+        key = (req.steps, req.guidance, req.sampler, req.negative)
+        images = await gen_batcher.submit(req, key)
+        return {"model": generator, "prompt": req.prompt, "images": images,
+                "warnings": [str(w.message) for w in caught]}
+
+    @app.post("/v1/caption")
+    async def caption(file: UploadFile = File(...)):
+        data = bytearray()
+        while chunk := await file.read(1 << 16):
+            data += chunk
+            if len(data) > max_upload_bytes:
+                raise HTTPException(413, f"upload is larger than {max_upload_bytes} bytes")
+        if not data:
+            raise HTTPException(400, "the uploaded file is empty")
+        try:
+            image = await run_in_threadpool(_decode_image, bytes(data), file.filename or "upload")
+        except ImageLoadError as e:
+            raise HTTPException(400, str(e)) from None
+        text = await cap_batcher.submit(image)
+        return {"caption": text, "model": captioner}
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return PAGE.read_text(encoding="utf-8")
+
+    return app
+
+
+def _decode_image(data: bytes, name: str):
+    """Bytes -> RGB PIL image, with the same checks as files (bombs refused, clear errors)."""
+    import tempfile
+
+    from xmodal.data.images import ImageLoadError, load_image
+
+    with tempfile.NamedTemporaryFile(suffix=Path(name).suffix or ".img") as f:
+        f.write(data)
+        f.flush()
+        try:
+            return load_image(f.name)
+        except ImageLoadError as e:
+            raise ImageLoadError(str(e).replace(f.name, name)) from None
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, generator: str = "shapes-gan",
+          captioner: str = "shapes-captioner") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(generator, captioner), host=host, port=port, log_level="info")
+
+
+__all__ = ["create_app", "serve", "io"]
