@@ -222,6 +222,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from xmodal import evaluation
+
+    options = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("sampler", args.sampler))
+               if v is not None}
+    common = {"split": args.split, "limit": args.limit}
+    if args.what == "captioner":
+        metrics = evaluation.evaluate_captioner(args.model or "shapes-captioner", args.data, args.out, beam=args.beam,
+                                                meteor=not args.no_meteor, **common)
+    elif args.what == "generator":
+        metrics = evaluation.evaluate_generator(args.model or DEFAULT_GENERATOR, args.data, args.out,
+                                                captioner=args.captioner, clip=args.clip, seed=args.seed,
+                                                inception_weights=args.inception_weights, **common, **options)
+    else:
+        metrics = evaluation.evaluate_cycle(args.generator, args.captioner, args.data, args.out, seed=args.seed,
+                                            **common, **options)
+    print(json.dumps(metrics))
+    print(f"report: {args.out / 'report.html'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from xmodal.evaluation import search
+
+    for hit in search(args.model, args.folder, text=args.text, image=args.image, top=args.top):
+        print(json.dumps(hit))
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from xmodal.api import list_models
 
@@ -313,6 +342,31 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--generator", default=DEFAULT_GENERATOR)
     srv.add_argument("--captioner", default="shapes-captioner")
 
+    ev = sub.add_parser("evaluate", help="measure a model; writes metrics.json and report.html")
+    ev.add_argument("what", choices=["captioner", "generator", "cycle"])
+    ev.add_argument("--model", help="the model to evaluate (captioner or generator)")
+    ev.add_argument("--generator", default=DEFAULT_GENERATOR, help="cycle: the generator")
+    ev.add_argument("--captioner", default="shapes-captioner", help="the captioner (cycle, and generator scene accuracy)")
+    ev.add_argument("--clip", default="shapes-clip", help="dual encoder for FID/KID features, CLIPScore, R-precision")
+    ev.add_argument("--data", type=Path, required=True, help="a prepared data set")
+    ev.add_argument("--split", help="only records of this split")
+    ev.add_argument("--limit", type=int, default=1000, help="at most this many images (0: all)")
+    ev.add_argument("--out", type=Path, default=Path("out/evaluation"))
+    ev.add_argument("--beam", type=int, default=3)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
+    ev.add_argument("--inception-weights", help="Inception v3 weights file for FID/KID instead of our own features")
+    ev.add_argument("--steps", type=int)
+    ev.add_argument("--guidance", type=float)
+    ev.add_argument("--sampler")
+
+    se = sub.add_parser("search", help="retrieval with a dual encoder: text -> images, or image -> captions")
+    se.add_argument("folder", type=Path, help="images (text query) or a prepared data set (image query)")
+    se.add_argument("--text")
+    se.add_argument("--image", type=Path)
+    se.add_argument("--model", default="shapes-clip")
+    se.add_argument("--top", type=int, default=5)
+
     models = sub.add_parser("models", help="list the bundled models")
     models.add_argument("--json", action="store_true")
     return parser
@@ -328,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_data(args)
         if args.command == "train":
             return _cmd_train(args, rest)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args)
+        if args.command == "search":
+            return _cmd_search(args)
         if args.command == "serve":
             from xmodal.server import serve
 

@@ -56,11 +56,13 @@ class Batcher:
     batches: int = 0
     jobs: int = 0
     _pending: list = field(default_factory=list)
+    _loop: Any = None
 
     async def submit(self, payload, key=None):
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            self._task = asyncio.create_task(self._run())
+        loop = asyncio.get_running_loop()
+        if self.queue is None or self._loop is not loop:  # first use, or a new event loop (tests)
+            self._loop, self.queue, self._pending = loop, asyncio.Queue(), []
+            self._task = loop.create_task(self._run())
         future = asyncio.get_running_loop().create_future()
         await self.queue.put(_Job(payload, future, key))
         return await future

@@ -22,13 +22,13 @@ from xmodal.models.registry import register_model
 @dataclass
 class AutoencoderConfig:
     latent_channels: int = 4
-    channels: tuple[int, ...] = (32, 64, 64)  # at 64, 32, 16 px
+    channels: tuple[int, ...] = (16, 32, 64)  # at 64, 32, 16 px
     kl_weight: float = 1e-6
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.GroupNorm(min(8, cout // 4), cout), nn.SiLU(),
-                         nn.Conv2d(cout, cout, 3, 1, 1), nn.GroupNorm(min(8, cout // 4), cout), nn.SiLU())
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(cin, cout, 4, 2, 1) if stride == 2 else nn.Conv2d(cin, cout, 3, 1, 1)
+    return nn.Sequential(conv, nn.GroupNorm(min(8, cout // 4), cout), nn.SiLU())
 
 
 @register_model("autoencoder")
@@ -40,15 +40,14 @@ class Autoencoder(PretrainedModel):
         super().__init__(config)
         c1, c2, c3 = config.channels
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, c1, 3, 1, 1), _block(c1, c1),  # 64 px
-            nn.Conv2d(c1, c2, 4, 2, 1), _block(c2, c2),  # 32 px
-            nn.Conv2d(c2, c3, 4, 2, 1), _block(c3, c3),  # 16 px
+            _conv(3, c2, stride=2), _conv(c2, c2),  # 32 px
+            _conv(c2, c3, stride=2), _conv(c3, c3),  # 16 px
             nn.Conv2d(c3, 2 * config.latent_channels, 1),  # mean and log-variance
         )
         self.decoder = nn.Sequential(
-            nn.Conv2d(config.latent_channels, c3, 3, 1, 1), _block(c3, c3),  # 16 px
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c3, c2, 3, 1, 1), _block(c2, c2),  # 32 px
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c2, c1, 3, 1, 1), _block(c1, c1),  # 64 px
+            _conv(config.latent_channels, c3), _conv(c3, c3),  # 16 px
+            nn.Upsample(scale_factor=2, mode="nearest"), _conv(c3, c2), _conv(c2, c2),  # 32 px
+            nn.Upsample(scale_factor=2, mode="nearest"), _conv(c2, c1),  # 64 px
             nn.Conv2d(c1, 3, 3, 1, 1), nn.Tanh(),
         )
 

@@ -38,7 +38,7 @@ class DiffusionConfig:
     text_encoder: dict = field(default_factory=lambda: {"kind": "learned", "dim": 128})
     autoencoder: dict = field(default_factory=dict)  # the first stage's AutoencoderConfig
     latent_scale: float = 1.0  # latents are divided by their std so that they have unit variance
-    channels: tuple[int, ...] = (64, 128)  # UNet width at 16 and 8 latent pixels
+    channels: tuple[int, ...] = (32, 64)  # UNet width at 16 and 8 latent pixels
     heads: int = 4
     p_uncond: float = 0.1  # condition dropout for classifier-free guidance
     train_timesteps: int = 1000

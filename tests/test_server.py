@@ -1,0 +1,174 @@
+import asyncio
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from xmodal.data.shapes import ShapesDataset
+from xmodal.data.text import Vocabulary
+from xmodal.models.registry import create_model
+from xmodal.models.text_encoders import prepare_text_encoder
+from xmodal.server import Batcher, create_app
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    ds = ShapesDataset("train", count=8, seed=6)
+    captions = [c for i in range(8) for c in ds[i][1]]
+    encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
+    torch.manual_seed(0)
+    gen = create_model("cvae", text_encoder=spec, z_dim=4, channels=(16, 8, 8, 4, 4))
+    gen.text_encoder.load_state_dict(encoder.state_dict())
+    gen.eval().save_pretrained(root / "gen")
+    vocab = Vocabulary.build(captions)
+    cap = create_model("sat-captioner", vocab_size=len(vocab), encoder_width=8, encoder_dim=16, embed_dim=8,
+                       decoder_dim=16, attention_dim=8)
+    cap.vocab = vocab
+    cap.eval().save_pretrained(root / "cap")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(model_dirs):
+    with TestClient(create_app(str(model_dirs / "gen"), str(model_dirs / "cap"), max_upload_bytes=200_000)) as c:
+        yield c
+
+
+def png_bytes(size=64, color=(200, 30, 30)):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_models_and_page(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["loaded"]["generator"]["model"] == "cvae"
+    page = client.get("/")
+    assert page.status_code == 200 and "/v1/generate" in page.text and "/v1/caption" in page.text
+
+
+def test_generate_returns_seeded_pngs(client):
+    r = client.post("/v1/generate", json={"prompt": "a small red circle", "n": 2, "seed": 7})
+    assert r.status_code == 200
+    body = r.json()
+    assert [im["seed"] for im in body["images"]] == [7, 8] and body["warnings"] == []
+    image = Image.open(io.BytesIO(base64.b64decode(body["images"][0]["png_base64"])))
+    assert image.size == (64, 64)
+    again = client.post("/v1/generate", json={"prompt": "a small red circle", "n": 1, "seed": 7}).json()
+    assert again["images"][0]["png_base64"] == body["images"][0]["png_base64"]
+
+
+@pytest.mark.parametrize("payload, status, reason", [
+    ({"prompt": "   "}, 400, "empty"),
+    ({"prompt": "a small red circle", "n": 0}, 422, ""),
+    ({"prompt": "a small red circle", "n": 99}, 422, ""),
+    ({"prompt": "a small red circle", "steps": 5}, 400, "sampler options"),
+    ({"n": 1}, 422, ""),
+])
+def test_generate_bad_input_is_4xx(client, payload, status, reason):
+    r = client.post("/v1/generate", json=payload)
+    assert r.status_code == status and reason in r.text
+
+
+def test_unknown_words_are_named(client):
+    body = client.post("/v1/generate", json={"prompt": "a small zebra circle"}).json()
+    assert "zebra" in body["warnings"][0]
+
+
+def test_caption_upload_and_errors(client):
+    r = client.post("/v1/caption", files={"file": ("red.png", png_bytes(), "image/png")})
+    assert r.status_code == 200 and set(r.json()) == {"caption", "model"}
+    bad = client.post("/v1/caption", files={"file": ("x.png", b"not an image", "image/png")})
+    assert bad.status_code == 400 and "x.png" in bad.json()["detail"]
+    big = client.post("/v1/caption", files={"file": ("big.bin", b"\0" * 300_000, "application/octet-stream")})
+    assert big.status_code == 413
+    empty = client.post("/v1/caption", files={"file": ("e.png", b"", "image/png")})
+    assert empty.status_code == 400
+    assert client.post("/v1/caption").status_code == 422
+
+
+def test_concurrent_captions_are_batched(client):
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: client.post("/v1/caption", files={"file": ("a.png", png_bytes(), "image/png")}),
+                                range(16)))
+    assert all(r.status_code == 200 for r in results)
+    assert len({r.json()["caption"] for r in results}) == 1
+
+
+def test_batcher_groups_jobs():
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        return [i * 2 for i in items]
+
+    async def main():
+        batcher = Batcher(fn, max_batch=10, wait_s=0.05)
+        return await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+
+    assert asyncio.run(main()) == [0, 2, 4, 6, 8, 10]
+    assert len(calls) < 6  # gathered, not one call per job
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make test installs it when apt can run)")
+def test_web_page_in_real_chromium(model_dirs, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "xmodal", "serve", "--port", str(port), "--generator",
+                               str(model_dirs / "gen"), "--captioner", str(model_dirs / "cap")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.3)
+        (tmp_path / "red.png").write_bytes(png_bytes())
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-sync"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#prompt", "a large blue square")
+            page.fill("#n", "3")
+            page.click("#generate")
+            page.wait_for_selector("#images figure:nth-child(3) img", timeout=30_000)
+            assert page.locator("#images img").count() == 3
+            page.set_input_files("#file", str(tmp_path / "red.png"))
+            page.wait_for_selector("#caption[data-state=done]", timeout=30_000)
+            assert page.inner_text("#caption") and "error" not in (page.get_attribute("#caption", "class") or "")
+            page.fill("#prompt", " ")
+            page.click("#generate")
+            page.wait_for_selector("#gen-status.error", timeout=10_000)
+            assert "empty" in page.inner_text("#gen-status")
+            page.screenshot(path=str(tmp_path / "page.png"))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
