@@ -42,7 +42,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-DEFAULT_GENERATOR = "shapes-gan"
+DEFAULT_GENERATOR = "shapes-diffusion"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 

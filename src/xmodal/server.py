@@ -94,7 +94,7 @@ class Batcher:
                         j.future.set_exception(e)
 
 
-def create_app(generator: str = "shapes-gan", captioner: str = "shapes-captioner",
+def create_app(generator: str = "shapes-diffusion", captioner: str = "shapes-captioner",
                max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
     import xmodal
     from xmodal.data.images import ImageLoadError
@@ -206,7 +206,7 @@ def _decode_image(data: bytes, name: str):
             raise ImageLoadError(str(e).replace(f.name, name)) from None
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, generator: str = "shapes-gan",
+def serve(host: str = "127.0.0.1", port: int = 8000, generator: str = "shapes-diffusion",
           captioner: str = "shapes-captioner") -> None:
     import uvicorn
 

@@ -62,11 +62,15 @@ def _reorder(state: dict, index: torch.Tensor) -> dict:
 
 def _block(log_probs: torch.Tensor, histories: list[list[int]], options: DecodeOptions) -> torch.Tensor:
     """Repetition guard: forbid tokens that would repeat the last word or an n-gram."""
+    if options.block_consecutive_repeats:
+        rows = [r for r, h in enumerate(histories) if h]
+        if rows:
+            log_probs[rows, [histories[r][-1] for r in rows]] = float("-inf")
     n = options.no_repeat_ngram
+    if not n:
+        return log_probs
     for row, history in enumerate(histories):
-        if options.block_consecutive_repeats and history:
-            log_probs[row, history[-1]] = float("-inf")
-        if n and len(history) >= n - 1:
+        if len(history) >= n - 1:
             prefix = tuple(history[len(history) - n + 1:]) if n > 1 else ()
             for i in range(len(history) - n + 1):
                 if tuple(history[i:i + n - 1]) == prefix:
@@ -115,17 +119,18 @@ def _left_to_right(model, state, options, generator, return_attention) -> list[D
             choice = _sample(log_probs, options, generator)
         else:
             choice = log_probs.argmax(dim=-1)
-        for i in range(b):
+        chosen = log_probs.gather(1, choice[:, None].cpu()).squeeze(1)  # (B,)
+        scores += torch.where(done, torch.zeros_like(chosen), chosen)
+        step_attention = attention.float().cpu() if (return_attention and attention is not None) else None
+        for i, token in enumerate(choice.tolist()):
             if done[i]:
                 continue
-            token = int(choice[i])
-            scores[i] += log_probs[i, token]
             if token == Vocabulary.end_id:
                 done[i], reached_end[i] = True, not forced
             else:
                 histories[i].append(token)
-                if return_attention and attention is not None:
-                    attentions[i].append(attention[i].float().cpu())
+                if step_attention is not None:
+                    attentions[i].append(step_attention[i])
         if done.all():
             break
         tokens = choice.to(device)
@@ -168,13 +173,15 @@ def _beam(model, state, options, return_attention) -> list[Decoded]:
         candidates = (scores[:, :, None] + log_probs.view(b, k, v)).view(b, k * v)  # (B, K*V)
         # take 2K so that K live beams remain after the ones that end are set aside
         top_scores, top_index = candidates.topk(min(2 * k, k * v), dim=-1)
-        new_scores = torch.full((b, k), float("-inf"))
-        new_rows = torch.zeros(b, k, dtype=torch.long)
-        new_tokens = torch.full((b, k), Vocabulary.end_id, dtype=torch.long)
+        # plain Python lists here: element-wise tensor indexing is slow in a loop
+        new_scores = [[float("-inf")] * k for _ in range(b)]
+        new_rows = [[i * k] * k for i in range(b)]
+        new_tokens = [[Vocabulary.end_id] * k for _ in range(b)]
         new_histories, new_attentions = [], []
-        for i in range(b):
+        step_attention = attention.float().cpu() if (return_attention and attention is not None) else None
+        for i, (row_scores, row_index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
             live = 0
-            for score, index in zip(top_scores[i].tolist(), top_index[i].tolist()):
+            for score, index in zip(row_scores, row_index):
                 if score == float("-inf"):
                     break
                 beam, token = divmod(index, v)
@@ -185,19 +192,19 @@ def _beam(model, state, options, return_attention) -> list[Decoded]:
                     finished[i] = sorted(finished[i], key=lambda d: -_normalized(d, options))[:k]  # best K
                     continue
                 if live < k:
-                    new_scores[i, live], new_rows[i, live], new_tokens[i, live] = score, row, token
+                    new_scores[i][live], new_rows[i][live], new_tokens[i][live] = score, row, token
                     live += 1
             for j in range(k):
-                row = int(new_rows[i, j])
-                keep = new_scores[i, j] > float("-inf")
-                new_histories.append([*histories[row], int(new_tokens[i, j])] if keep else [])
-                step_att = [attention[row].float().cpu()] if (keep and return_attention and attention is not None) else []
+                row = new_rows[i][j]
+                keep = new_scores[i][j] > float("-inf")
+                new_histories.append([*histories[row], new_tokens[i][j]] if keep else [])
+                step_att = [step_attention[row]] if (keep and step_attention is not None) else []
                 new_attentions.append([*attentions[row], *step_att] if keep else [])
         if all(_done(finished[i], new_scores[i], options) for i in range(b)):
             break
-        scores, histories, attentions = new_scores, new_histories, new_attentions
-        state = _reorder(state, new_rows.view(-1).to(device))
-        tokens = new_tokens.view(-1).to(device)
+        scores, histories, attentions = torch.tensor(new_scores), new_histories, new_attentions
+        state = _reorder(state, torch.tensor(new_rows).view(-1).to(device))
+        tokens = torch.tensor(new_tokens).view(-1).to(device)
     return [max(f, key=lambda d: _normalized(d, options)) for f in finished]
 
 
@@ -206,11 +213,10 @@ def _normalized(d: Decoded, options: DecodeOptions) -> float:
     return d.score / (length ** options.length_penalty)
 
 
-def _done(finished: list[Decoded], live_scores: torch.Tensor, options: DecodeOptions) -> bool:
+def _done(finished: list[Decoded], live_scores: list[float], options: DecodeOptions) -> bool:
     """Stop a sentence's search when it has K finished beams that no live beam can still beat."""
     if len(finished) < options.beam_size:
         return False
     if options.length_penalty != 0:  # longer beams could still overtake: search to full length
-        return not bool((live_scores > float("-inf")).any())
-    best_live = float(live_scores.max())
-    return best_live <= min(d.score for d in finished)  # log-probs only fall as beams grow
+        return all(s == float("-inf") for s in live_scores)
+    return max(live_scores) <= min(d.score for d in finished)  # log-probs only fall as beams grow

@@ -1,0 +1,91 @@
+"""Image loading and the named preprocessing presets (resize, crop, normalize)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 89_478_485  # Pillow's default bomb limit; larger images are refused
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used, with the file named in the message."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB (any mode, EXIF orientation applied); bombs are refused."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:  # checked before any pixel is decoded
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height} is over {MAX_PIXELS} pixels")
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except FileNotFoundError:
+        raise ImageLoadError(f"{path}: no such file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{path}: refused, too many pixels (decompression bomb?): {e}") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(f"{path}: corrupt or truncated image: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        img.load()
+        return img.copy()
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def check_image(path: str | Path) -> str | None:
+    """None when the file loads as an image, else the reason it does not."""
+    try:
+        load_image(path)
+    except ImageLoadError as e:
+        return str(e)
+    return None
+
+
+Preset = Literal["shapes64", "small64", "imagenet224", "imagenet224-train"]
+PRESETS: tuple[str, ...] = ("shapes64", "small64", "imagenet224", "imagenet224-train")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_transform(preset: Preset = "shapes64"):
+    """PIL image -> normalized float tensor (3, H, W), by preset name.
+
+    - `shapes64`: 64x64 as is (resized if needed), scaled to [-1, 1].
+    - `small64`: shorter side to 64, centre crop 64, scaled to [-1, 1] (any photo for small models).
+    - `imagenet224`: shorter side to 256, centre crop 224, ImageNet mean/std.
+    - `imagenet224-train`: random resized crop 224 and horizontal flip, ImageNet mean/std.
+    """
+    from torchvision.transforms import v2
+
+    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if preset == "shapes64":
+        return v2.Compose([v2.Resize((64, 64), antialias=True), *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
+    if preset == "small64":
+        return v2.Compose([v2.Resize(64, antialias=True), v2.CenterCrop(64), *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
+    if preset == "imagenet224":
+        return v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), *to_float, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if preset == "imagenet224-train":
+        return v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), *to_float, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    raise ValueError(f"unknown image preset {preset!r}; valid: {PRESETS}")
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """A (3, H, W) tensor in [-1, 1] -> PIL RGB image."""
+    array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array))

@@ -1,0 +1,139 @@
+"""The one prepared data-set format, its writer, and a torch Dataset that reads it.
+
+A prepared data set is a folder::
+
+    images/              the pictures
+    captions.jsonl       one line per image:
+                         {"image": "images/x.png", "captions": [...], "split": "train", ...}
+    import_report.json   what an importer skipped or merged, and why (importers only)
+
+Every source (Shapes, COCO, Karpathy, Flickr, a folder) is converted into it once
+("prepare once, then a Dataset that only reads").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from xmodal.data.images import load_image
+
+CAPTIONS_FILE = "captions.jsonl"
+
+
+class DataFormatError(ValueError):
+    """A prepared data set that does not follow the format; the message names file and line."""
+
+
+def read_records(folder: str | Path, split: str | None = None) -> list[dict]:
+    """The records of a prepared data set, optionally only one split."""
+    folder = Path(folder)
+    path = folder / CAPTIONS_FILE
+    if not path.is_file():
+        raise DataFormatError(f"{folder}: not a prepared data set (no {CAPTIONS_FILE}); "
+                              "make one with `xmodal data shapes|coco|karpathy|flickr|folder`")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("image"), str) \
+                    or not isinstance(record.get("captions"), list) or not record["captions"]:
+                raise DataFormatError(f"{path}:{line_no}: a record needs 'image' (str) and 'captions' (non-empty list)")
+            if split is None or record.get("split") == split:
+                records.append(record)
+    if split is not None and not records:
+        raise DataFormatError(f"{path}: no records with split {split!r}")
+    return records
+
+
+class RecordWriter:
+    """Writes `captions.jsonl` line by line (so an interrupted import keeps what it wrote)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        (self.folder / "images").mkdir(parents=True, exist_ok=True)
+        self._file = (self.folder / CAPTIONS_FILE).open("w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class ImportReport:
+    """Problems met while importing: per kind, a count and the first examples."""
+
+    source: str
+    written: int = 0
+    problems: dict[str, dict] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def add(self, kind: str, example: str, rule: str) -> None:
+        entry = self.problems.setdefault(kind, {"count": 0, "rule": rule, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < self.max_examples:
+            entry["examples"].append(example)
+
+    def count(self, kind: str) -> int:
+        return self.problems.get(kind, {}).get("count", 0)
+
+    def summary(self) -> str:
+        lines = [f"{self.source}: wrote {self.written} images"]
+        for kind, entry in self.problems.items():
+            lines.append(f"  {kind}: {entry['count']} ({entry['rule']}); e.g. {', '.join(entry['examples'][:3])}")
+        return "\n".join(lines)
+
+    def save(self, folder: str | Path) -> None:
+        data = {"source": self.source, "written": self.written, "problems": self.problems}
+        (Path(folder) / "import_report.json").write_text(json.dumps(data, indent=2))
+
+
+class CaptionDataset(Dataset):
+    """Reads a prepared data set: item = (image tensor, captions, record).
+
+    `transform` maps a PIL image to a tensor (see `xmodal.data.images.make_transform`).
+    """
+
+    def __init__(self, folder: str | Path, split: str | None = None,
+                 transform: Callable | None = None, records: list[dict] | None = None):
+        self.folder = Path(folder)
+        self.records = records if records is not None else read_records(self.folder, split)
+        if transform is None:
+            from xmodal.data.images import make_transform
+            transform = make_transform("shapes64")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image_path(self, index: int) -> Path:
+        return self.folder / self.records[index]["image"]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str], dict]:
+        record = self.records[index]
+        image = self.transform(load_image(self.folder / record["image"]))
+        return image, record["captions"], record
+
+
+def all_captions(records: Iterable[dict]) -> list[str]:
+    return [c for r in records for c in r["captions"]]
