@@ -1,0 +1,1 @@
+"""Data: the prepared format, importers, text and image preprocessing, Shapes data sets."""
