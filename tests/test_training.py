@@ -124,3 +124,18 @@ def test_resume_refuses_other_batch_size(tmp_path):
     other.config.batch_size = 8
     with pytest.raises(ValueError, match="batch_size"):
         other.resume()
+
+
+def test_sigterm_checkpoints_before_exit(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(HELPER), "--steps", "200", "--sleep", "0.05", "--out", str(tmp_path)],
+                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 7):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    step = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
+    last_logged = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert step == last_logged >= 7  # saved at the signal, not at the last checkpoint_every multiple
+    assert not (tmp_path / "model").exists()

@@ -209,6 +209,27 @@ class EarlyStopped(Exception):
     pass
 
 
+def _stop_on_sigterm():
+    """SIGTERM (kill, a scheduler's stop) checkpoints and exits like Ctrl-C; main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Trainer:
     """Trains `model` (anything with `.loss(batch)`) on `dataset` batched by `collate_fn`.
 
@@ -382,6 +403,7 @@ class Trainer:
                    disable=not (c.progress and self.dist.main), dynamic_ncols=True)
         stopped_early = False
         running: dict[str, float] = {}
+        previous = _stop_on_sigterm()
         try:
             for batch in loader:
                 lr = self.lr_at(self.step)
@@ -422,6 +444,8 @@ class Trainer:
             self.save_checkpoint()  # never lose work: resume continues from here
             bar.close()
             raise
+        finally:
+            _restore_sigterm(previous)
         bar.close()
         self.save_checkpoint()
         summary = {"steps": self.step, "stopped_early": stopped_early,
