@@ -138,12 +138,17 @@ def make_scheduler(name: str, config: DiffusionConfig):
 
     common = {"num_train_timesteps": config.train_timesteps, "beta_schedule": config.beta_schedule,
               "prediction_type": "epsilon"}
+    # The cosine schedule ends at alpha_bar ~ 0: an x0 estimate from epsilon at t = 999 divides by
+    # ~0 and turns samples into speckles. So no sampler starts there: all use "leading" spacing
+    # (first step 1000 - 1000/steps), and DPM-Solver also clips lambda_min as diffusers advises
+    # for squaredcos_cap_v2.
     if name == "ddpm":
-        return DDPMScheduler(**common, clip_sample=False)
+        return DDPMScheduler(**common, clip_sample=False, timestep_spacing="leading")
     if name == "ddim":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
     if name == "dpm":
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                           lambda_min_clipped=-5.1, timestep_spacing="leading")
     raise ValueError(f"unknown sampler {name!r}; valid: {SAMPLERS}")
 
 
