@@ -139,3 +139,20 @@ def test_sigterm_checkpoints_before_exit(tmp_path):
     last_logged = json.loads(log.read_text().splitlines()[-1])["step"]
     assert step == last_logged >= 7  # saved at the signal, not at the last checkpoint_every multiple
     assert not (tmp_path / "model").exists()
+
+
+def test_xmodal_train_recipe_resume_and_refusal(tmp_path, capsys):
+    from xmodal.cli import main
+
+    config = Path(__file__).parents[1] / "configs" / "shapes-captioner.toml"
+    args = ["train", str(config), f"--train.out_dir={tmp_path}", "--train.steps=4", "--train.batch_size=8",
+            "--train.eval_every=2", "--train.checkpoint_every=2", "--train.progress=false", "--data.count=32",
+            "--data.eval_count=8", "--model.encoder_width=8", "--model.encoder_dim=16", "--model.decoder_dim=16"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and "exact_match" in summary["quality"]
+    assert "quality:" in (tmp_path / "model" / "README.md").read_text()
+    assert main(args) == 2 and "pass --resume" in capsys.readouterr().err  # never overwrite a run silently
+    assert main([*args, "--resume", "--train.steps=6"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 6
+    assert main([*args[:2], "--train.stpes=3"]) == 2 and "unknown key" in capsys.readouterr().err

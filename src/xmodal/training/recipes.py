@@ -116,17 +116,25 @@ def _train_captioner(config: dict, config_path: Path, overrides: list[str], resu
     evaluate = (lambda m: caption_quality(m, eval_set)) if eval_set is not None else None
     trainer = Trainer(model, train_set, train_cfg, collate_fn=CaptionCollate(vocab, data.max_len, data.captions),
                       evaluate=evaluate)
+    return _run(trainer, resume, evaluate, config_path, overrides, data)
+
+
+def _run(trainer: Trainer, resume: bool, evaluate, config_path: Path, overrides: list[str],
+         data: CaptionDataConfig) -> dict:
+    """Train, then measure the exported model and write its card (main process only)."""
     _prepare_out_dir(trainer, resume)
     start = time.perf_counter()
     summary = trainer.train()
     seconds = time.perf_counter() - start
-    if trainer.dist.main and eval_set is not None:
+    if trainer.dist.main and evaluate is not None:
         from xmodal.models.hub import load_model
 
         final = load_model(summary["model_dir"])
-        quality = caption_quality(final, eval_set)
+        quality = evaluate(final)
         summary["quality"] = quality
-        card = _card(Path(train_cfg.out_dir).name, config_path, overrides, data, train_cfg, final, quality, seconds)
+        shown = {"judge_scene_accuracy": quality["scene_accuracy"]} if "scene_accuracy" in quality else quality
+        card = _card(Path(trainer.config.out_dir).name, config_path, overrides, data, trainer.config, final,
+                     shown, seconds)
         (Path(summary["model_dir"]) / "README.md").write_text(card)
     return summary
 
@@ -247,20 +255,7 @@ def _train_generator(config: dict, config_path: Path, overrides: list[str], resu
     else:
         evaluate = (lambda m: generator_quality(m, prompts, truths)) if prompts else None
     trainer = Trainer(model, train_set, train_cfg, collate_fn=GenerationCollate(data.captions), evaluate=evaluate)
-    _prepare_out_dir(trainer, resume)
-    start = time.perf_counter()
-    summary = trainer.train()
-    seconds = time.perf_counter() - start
-    if trainer.dist.main and evaluate is not None:
-        from xmodal.models.hub import load_model
-
-        final = load_model(summary["model_dir"])
-        quality = evaluate(final)
-        summary["quality"] = quality
-        shown = {"judge_scene_accuracy": quality["scene_accuracy"]} if "scene_accuracy" in quality else quality
-        card = _card(Path(train_cfg.out_dir).name, config_path, overrides, data, train_cfg, final, shown, seconds)
-        (Path(summary["model_dir"]) / "README.md").write_text(card)
-    return summary
+    return _run(trainer, resume, evaluate, config_path, overrides, data)
 
 
 RECIPES = {"image-to-text": _train_captioner, "text-to-image": _train_generator,
