@@ -21,8 +21,18 @@ from xmodal.models.hub import PretrainedModel
 
 
 class Captioner(PretrainedModel):
+    """Builds `self.image_encoder` from the shared config fields (image_encoder, encoder_width,
+    encoder_dim, encoder_weights, encoder_trainable); subclasses add their decoder."""
+
     task = "image-to-text"
     vocab: Vocabulary | None = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        from xmodal.models.image_encoders import create_image_encoder
+
+        self.image_encoder = create_image_encoder(config.image_encoder, config.encoder_width, config.encoder_dim,
+                                                  config.encoder_weights, config.encoder_trainable)
 
     def save_assets(self, folder: Path) -> None:
         if self.vocab is None:

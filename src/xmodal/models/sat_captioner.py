@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from xmodal.models.captioning import Captioner
-from xmodal.models.image_encoders import create_image_encoder
 from xmodal.models.registry import register_model
 
 
@@ -63,8 +62,6 @@ class SATCaptioner(Captioner):
     def __init__(self, config: SATConfig):
         super().__init__(config)
         c = config
-        self.image_encoder = create_image_encoder(c.image_encoder, c.encoder_width, c.encoder_dim,
-                                                  c.encoder_weights, c.encoder_trainable)
         d = self.image_encoder.out_dim
         self.attention = SoftAttention(d, c.decoder_dim, c.attention_dim)
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from xmodal.models.captioning import Captioner
-from xmodal.models.image_encoders import create_image_encoder
 from xmodal.models.registry import register_model
 
 
@@ -65,8 +64,6 @@ class TransformerCaptioner(Captioner):
     def __init__(self, config: TransformerCaptionerConfig):
         super().__init__(config)
         c = config
-        self.image_encoder = create_image_encoder(c.image_encoder, c.encoder_width, c.encoder_dim,
-                                                  c.encoder_weights, c.encoder_trainable)
         self.memory_proj = nn.Linear(self.image_encoder.out_dim, c.d_model)
         self.region_pos = nn.Parameter(torch.zeros(c.max_regions, c.d_model))
         self.token_emb = nn.Embedding(c.vocab_size, c.d_model)
