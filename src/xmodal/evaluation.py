@@ -121,12 +121,16 @@ class EmbeddingFeatures(torch.nn.Module):
 
 def fid_kid(real: list[np.ndarray], fake: list[np.ndarray], extractor: torch.nn.Module | None = None,
             inception_weights: str | None = None, kid_subset: int = 100) -> dict:
-    """FID and KID between two image lists through torchmetrics, with our extractor or Inception."""
+    """FID and KID between two image lists through torchmetrics, with our extractor or Inception
+    (`inception_weights`: a torch-fidelity InceptionV3 state dict file; adds the Inception Score)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     if inception_weights:
-        kwargs = {"feature": 2048, "feature_extractor_weights_path": inception_weights}
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        pool = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=inception_weights)
+        kwargs = {"feature": pool}
     elif extractor is not None:
         kwargs = {"feature": extractor}
     else:
@@ -139,7 +143,17 @@ def fid_kid(real: list[np.ndarray], fake: list[np.ndarray], extractor: torch.nn.
         for metric in (fid, kid):
             metric.update(batch, real=is_real)
     kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+    result = {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+    if inception_weights:  # Inception Score needs Inception's class logits: only with its weights
+        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torchmetrics.image.inception import InceptionScore
+
+        logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], feature_extractor_weights_path=inception_weights)
+        score = InceptionScore(feature=logits, splits=min(10, len(fake)))
+        score.update(torch.from_numpy(np.stack(fake)).permute(0, 3, 1, 2).contiguous())
+        is_mean, is_std = score.compute()
+        result.update({"inception_score": float(is_mean), "inception_score_std": float(is_std)})
+    return result
 
 
 def evaluate_generator(model: str, data: str | Path, out: str | Path, captioner: str = "shapes-captioner",
