@@ -130,7 +130,7 @@ def test_layered_painter_draws_the_same_layer_wherever_the_position_latent_puts_
     centred = model.painter(slots, presence, z, background)
     z[0, 0, :2] = torch.tensor([0.25, -0.5])  # 8 px right, 16 px up on a 64 px canvas
     moved = model.painter(slots, presence, z, background)
-    torch.testing.assert_close(moved[..., 0:40, 24:64], centred[..., 16:56, 16:56], atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved[..., 4:36, 28:60], centred[..., 20:52, 20:52], atol=1e-5, rtol=0)
     empty = model.painter(slots, torch.full((1, 2), -30.0), z, background)
     assert torch.allclose(empty, empty[..., :1, :1].expand_as(empty), atol=1e-6)  # no layer: flat background
 

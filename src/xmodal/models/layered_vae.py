@@ -42,8 +42,8 @@ class LayeredVAEConfig:
     slots: int = 2  # the most objects one picture holds
     width: int = 128  # slot vectors and the text reader
     mask_hidden: int = 64  # width of the per-pixel mask MLP
-    window: int = 64  # side of each object's painting window, in canvas pixels at 64 px (scales with size):
-    # the whole canvas when the object is centred, so every object is in reach from the start
+    window: int = 40  # side of each object's painting window, in canvas pixels at 64 px (scales with size):
+    # wide enough that objects are in reach from the start, too small to stand in for the background
     window_samples: int = 32  # the mask MLP's grid over the window (interpolated between samples)
     style_dim: int = 2  # free latent dims per slot besides the position
     max_words: int = 32
@@ -69,10 +69,11 @@ class TextReader(nn.Module):
         self.sentence = nn.Linear(token_dim, width)
         self.position = nn.Parameter(torch.randn(max_words, width) * 0.02)  # word order, for every encoder
         self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.queries = nn.Parameter(torch.randn(slots, width) * 0.02)
+        # distinct slot identities from the start: near-equal queries would read the same words
+        self.queries = nn.Parameter(torch.randn(slots, width) * 0.5)
         self.attend = nn.MultiheadAttention(width, 4, batch_first=True)
         self.out = nn.Sequential(nn.LayerNorm(width), _mlp(width, width, width))
-        self.presence = nn.Linear(width, 1)
+        self.presence = nn.Linear(2 * width, 1)
 
     def forward(self, tokens, mask, pooled):
         t = tokens.size(1)
@@ -80,10 +81,11 @@ class TextReader(nn.Module):
             raise ValueError(f"prompt of {t} tokens is longer than max_words={self.position.size(0)}")
         pad = ~mask.bool()
         x = self.layer(self.proj(tokens) + self.position[:t], src_key_padding_mask=pad)
-        q = self.queries + self.sentence(pooled)[:, None]  # (B, K, W): what to look for, given the sentence
+        q = self.queries.expand(tokens.size(0), -1, -1)
         slots, _ = self.attend(q, x, x, key_padding_mask=pad)
         slots = slots + self.out(slots)
-        return slots, self.presence(slots).squeeze(-1)
+        sentence = self.sentence(pooled)[:, None].expand_as(slots)  # is there a k-th object, given the sentence
+        return slots, self.presence(torch.cat([slots, sentence], dim=-1)).squeeze(-1)
 
 
 class LayerPainter(nn.Module):
@@ -110,7 +112,7 @@ class LayerPainter(nn.Module):
         self.hidden2 = nn.Linear(hidden, hidden)  # three layers: a cross is a union of intersections
         self.to_mask = nn.Linear(hidden, 1)
         self.to_color = _mlp(cond, width, 3)
-        self.background = _mlp(1, width, 3)
+        self.background = nn.Linear(1, 3)  # a flat background: colour and how the latent moves it
 
     def forward(self, slots, presence_logits, z_slots, z_background):
         b, k, _ = slots.shape
@@ -131,7 +133,7 @@ class LayerPainter(nn.Module):
         logits = F.grid_sample(logits, where, mode="bilinear", padding_mode="border", align_corners=False)
         alpha = torch.sigmoid(logits).view(b, k, -1) * torch.sigmoid(presence_logits.float())[..., None]
         color = torch.tanh(self.to_color(cond).float())  # (B, K, 3)
-        image = torch.tanh(self.background(z_background.float()))[:, :, None].expand(b, 3, self.size * self.size)
+        image = torch.tanh(4 * self.background(z_background.float()))[:, :, None].expand(b, 3, self.size * self.size)
         for i in range(k):  # later slots are painted over earlier ones
             a = alpha[:, i][:, None]
             image = image * (1 - a) + color[:, i][:, :, None] * a
@@ -139,7 +141,12 @@ class LayerPainter(nn.Module):
 
 
 class ObjectFinder(nn.Module):
-    """Recognition network: for each slot, where in the image is the object it names (and its style)."""
+    """Recognition network: for each slot, where in the image is the object it names (and its style).
+
+    The slots compete for image locations as in Slot Attention (Locatello et al. 2020): the
+    attention is normalized over the slots at each location, then over locations per slot, so
+    two slots cannot both explain the same object.
+    """
 
     def __init__(self, width: int, style_dim: int):
         super().__init__()
@@ -148,8 +155,10 @@ class ObjectFinder(nn.Module):
             nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(),  # 16 px
             nn.Conv2d(64, width, 1), nn.SiLU(),
         )
+        self.norm = nn.LayerNorm(width)
         self.query = nn.Linear(width, width)
-        self.attend = nn.MultiheadAttention(width, 4, batch_first=True)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
         self.slot_head = _mlp(2 * width + 2, width, 2 * (2 + style_dim))
         self.background_head = _mlp(width, width, 2)
 
@@ -160,9 +169,12 @@ class ObjectFinder(nn.Module):
         coords = torch.stack([xs, ys])[None].expand(b, -1, -1, -1)
         features = self.cnn(torch.cat([images, coords], dim=1))  # (B, W, 16, 16)
         grid_xy = F.interpolate(coords, size=features.shape[-2:], mode="bilinear", align_corners=True)
-        features = features.flatten(2).transpose(1, 2)  # (B, N, W)
+        features = self.norm(features.flatten(2).transpose(1, 2))  # (B, N, W)
         grid_xy = grid_xy.flatten(2).transpose(1, 2)  # (B, N, 2)
-        found, weights = self.attend(self.query(slots), features, features)  # weights (B, K, N)
+        logits = self.query(slots) @ self.key(features).transpose(1, 2) / features.size(-1) ** 0.5  # (B, K, N)
+        weights = logits.softmax(dim=1) + 1e-8  # slots compete for each location
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # then a weighted mean over locations
+        found = weights @ self.value(features)  # (B, K, W)
         where = weights @ grid_xy  # attention-weighted coordinates (B, K, 2)
         mu, logvar = self.slot_head(torch.cat([found, slots, where], dim=-1)).chunk(2, dim=-1)
         mu = torch.cat([mu[..., :2] + where, mu[..., 2:]], dim=-1)
@@ -208,6 +220,10 @@ class LayeredVAE(TextToImageModel):
 
     def loss(self, batch):
         images = batch["images"]
+        if self.training and self.step.item() == 0:  # data-dependent init: background = mean colour
+            with torch.no_grad():
+                mean = images.mean(dim=(0, 2, 3)).clamp(-0.95, 0.95)
+                self.painter.background.bias.copy_(torch.atanh(mean) / 4)
         slots, presence = self.read(batch["texts"])
         (mu_q, logvar_q), (mu_bg, logvar_bg) = self.finder(images, slots)
         z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()  # (B, K, Z)
