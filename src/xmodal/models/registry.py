@@ -18,7 +18,6 @@ _MODULES: dict[str, str] = {
     "sat-captioner": "xmodal.models.sat_captioner",
     "transformer-captioner": "xmodal.models.transformer_captioner",
     "cvae": "xmodal.models.cvae",
-    "layered-vae": "xmodal.models.layered_vae",
     "dfgan": "xmodal.models.dfgan",
     "autoencoder": "xmodal.models.autoencoder",
     "latent-diffusion": "xmodal.models.diffusion",
