@@ -27,8 +27,8 @@ from xmodal.models.hub import load_model
 from xmodal.worlds.shapes import Scene
 
 
-def pools(split: str, count: int, distinct: bool) -> list[list[int]]:
-    """Indices into ShapesDataset(split, ..., seed=95) for `count` pools of 100."""
+def pools(split: str, count: int, distinct: bool):
+    """(data set, scene of each item, `count` pools of 100 indices into the data set)."""
     data = ShapesDataset(split, 100 * count * (3 if distinct else 1), seed=95)
     keys = [Scene.from_dict(data.item(i)[0]["scene"]).spec for i in range(len(data))]
     if not distinct:

@@ -123,12 +123,10 @@ def fid_kid(real: list[np.ndarray], fake: list[np.ndarray], extractor: torch.nn.
             inception_weights: str | None = None, kid_subset: int = 100) -> dict:
     """FID and KID between two image lists through torchmetrics, with our extractor or Inception
     (`inception_weights`: a torch-fidelity InceptionV3 state dict file; adds the Inception Score)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     from torchmetrics.image.kid import KernelInceptionDistance
 
     if inception_weights:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
         pool = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=inception_weights)
         kwargs = {"feature": pool}
     elif extractor is not None:
@@ -145,7 +143,6 @@ def fid_kid(real: list[np.ndarray], fake: list[np.ndarray], extractor: torch.nn.
     kid_mean, kid_std = kid.compute()
     result = {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
     if inception_weights:  # Inception Score needs Inception's class logits: only with its weights
-        from torchmetrics.image.fid import NoTrainInceptionV3
         from torchmetrics.image.inception import InceptionScore
 
         logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], feature_extractor_weights_path=inception_weights)
