@@ -33,14 +33,14 @@ def pools(split: str, count: int, distinct: bool):
     keys = [Scene.from_dict(data.item(i)[0]["scene"]).spec for i in range(len(data))]
     if not distinct:
         return data, keys, [list(range(p * 100, p * 100 + 100)) for p in range(count)]
-    out, pool, seen = [], [], []
+    out, pool, seen = [], [], set()
     for i, key in enumerate(keys):
         if key not in seen:
             pool.append(i)
-            seen.append(key)
+            seen.add(key)
         if len(pool) == 100:
             out.append(pool)
-            pool, seen = [], []
+            pool, seen = [], set()
             if len(out) == count:
                 break
     return data, keys, out
