@@ -6,7 +6,10 @@ p(z | c), and a decoder p(x | z, c), with c the text encoder's sentence vector.
 Loss: Gaussian reconstruction with a fixed sigma (`recon_sigma`, smaller = sharper)
 plus KL(q || p), per pixel. Generation samples z from the prior and decodes its mean.
 Differences from the paper: convolutional networks for 64 px, the sentence vector also
-modulates every decoder stage (FiLM), and a KL warm-up.
+modulates every decoder stage (FiLM), and a KL warm-up. With `layout` set, a layout stage
+(`xmodal.models.layout`) first draws the objects' boxes from the text and every decoder
+stage also reads the layout map (concatenated after upsampling, as SPADE feeds its
+semantic map to every stage: Park et al. 2019, https://arxiv.org/abs/1903.07291).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class CVAEConfig:
     channels: tuple[int, ...] = (128, 64, 32, 16, 8)
     recon_sigma: float = 0.1  # std of the Gaussian likelihood, in [-1, 1] pixel units
     kl_warmup_steps: int = 500
+    layout: dict = field(default_factory=dict)  # LayoutConfig fields; empty = no layout stage
 
 
 class FiLM(nn.Module):
@@ -43,14 +47,16 @@ class FiLM(nn.Module):
 
 
 class UpStage(nn.Module):
-    def __init__(self, cin: int, cout: int, cond_dim: int):
+    def __init__(self, cin: int, cout: int, cond_dim: int, map_channels: int = 0):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv = nn.Conv2d(cin + map_channels, cout, 3, padding=1)
         self.norm = nn.GroupNorm(min(8, cout // 4), cout)
         self.film = FiLM(cond_dim, cout)
 
-    def forward(self, x, cond):
+    def forward(self, x, cond, layout_map=None):  # layout_map (B, M, 2H, 2W) or None
         x = nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        if layout_map is not None:
+            x = torch.cat([x, layout_map], 1)
         return nn.functional.silu(self.film(self.norm(self.conv(x)), cond))
 
 
@@ -74,23 +80,27 @@ class ConditionalVAE(TextToImageModel):
         self.posterior = nn.Sequential(nn.Linear(chans[0] * 16 + e, 512), nn.SiLU(), nn.Linear(512, 2 * c.z_dim))
         self.prior = nn.Sequential(nn.Linear(e, 256), nn.SiLU(), nn.Linear(256, 2 * c.z_dim))
         self.from_latent = nn.Linear(c.z_dim + e, chans[0] * 16)
-        self.up = nn.ModuleList(UpStage(a, b, e) for a, b in zip(chans[:-1], chans[1:]))
+        m = self.layout.config.channels if self.layout is not None else 0
+        self.up = nn.ModuleList(UpStage(a, b, e, m) for a, b in zip(chans[:-1], chans[1:]))
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, padding=1)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the KL warm-up
 
-    def decode(self, z, cond):
+    MAP_SIZES = (8, 16, 32, 64)  # where the decoder stages read the layout map
+
+    def decode(self, z, cond, maps=None):
         x = self.from_latent(torch.cat([z, cond], dim=-1)).view(z.size(0), -1, 4, 4)  # (B, C0, 4, 4)
-        for stage in self.up:
-            x = stage(x, cond)  # 8, 16, 32, 64 px
+        for i, stage in enumerate(self.up):
+            x = stage(x, cond, maps[i] if maps is not None else None)  # 8, 16, 32, 64 px
         return torch.tanh(self.to_rgb(x))  # (B, 3, 64, 64)
 
     def loss(self, batch):
         images = batch["images"]
-        _, _, cond = self.encode_text(batch["texts"])  # (B, E)
+        tokens, mask, cond = self.encode_text(batch["texts"])  # (B, T, E), (B, T), (B, E)
+        maps, layout_nll = self.layout_maps(tokens, mask, self.MAP_SIZES, batch=batch) if self.layout is not None else (None, None)
         mu_q, logvar_q = self.posterior(torch.cat([self.encoder(images), cond], -1)).chunk(2, dim=-1)
         mu_p, logvar_p = self.prior(cond).chunk(2, dim=-1)
         z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()
-        recon = self.decode(z, cond)
+        recon = self.decode(z, cond, maps)
         pixels = images[0].numel()
         nll = ((recon.float() - images) ** 2).sum(dim=(1, 2, 3)) / (2 * self.config.recon_sigma ** 2)
         kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
@@ -98,11 +108,16 @@ class ConditionalVAE(TextToImageModel):
         if self.training:
             self.step += 1
         loss = (nll + warm * kl.float()).mean() / pixels
-        return loss, {"nll": nll.mean().detach() / pixels, "kl": kl.mean().detach()}
+        logs = {"nll": nll.mean().detach() / pixels, "kl": kl.mean().detach()}
+        if layout_nll is not None:
+            loss = loss + self.layout.config.weight * layout_nll
+            logs["layout_nll"] = layout_nll.detach()
+        return loss, logs
 
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):
-        _, _, cond = self.encode_text(texts, strict=strict)
+        tokens, mask, cond = self.encode_text(texts, strict=strict)
+        maps = self.layout_maps(tokens, mask, self.MAP_SIZES, seeds=seeds)[0] if self.layout is not None else None
         mu_p, logvar_p = self.prior(cond).chunk(2, dim=-1)
         eps = self.noise(seeds, (self.config.z_dim,), cond.device)
-        return self.decode(mu_p + eps * (0.5 * logvar_p).exp(), cond)
+        return self.decode(mu_p + eps * (0.5 * logvar_p).exp(), cond, maps)

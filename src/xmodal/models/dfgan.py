@@ -10,7 +10,11 @@ of each affine is the noise and sentence vector together (as in DF-GAN's later c
 and the generator and discriminator are updated together from one `loss()` — the
 discriminator's parameters are detached inside the generator's term and the fake images
 detached inside the discriminator's, so one backward gives each side its own gradient
-(the learning rates differ through `param_groups`).
+(the learning rates differ through `param_groups`). With `layout` set, a layout stage
+(`xmodal.models.layout`) draws the objects' boxes from the text; every generator block
+reads the layout map (concatenated after upsampling) and the discriminator sees it beside
+the image, so it judges whether each box holds what its words say (as layout2im and
+LostGAN condition both sides on the layout: https://arxiv.org/abs/1811.11389).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class DFGANConfig:
     gp_power: float = 6.0  # MA-GP p
     lr_scale_g: float = 0.25  # generator lr = train.lr * this (DF-GAN: 1e-4 vs 4e-4)
     gp_every: int = 4  # lazy regularization (Karras et al. 2020): MA-GP every N steps, weighted by N
+    layout: dict = field(default_factory=dict)  # LayoutConfig fields; empty = no layout stage
 
 
 class Affine(nn.Module):
@@ -59,31 +64,34 @@ class Affine(nn.Module):
 class GBlock(nn.Module):
     """Upsample x2, then two (affine, LeakyReLU, conv) fusions, with a residual shortcut."""
 
-    def __init__(self, cin: int, cout: int, cond_dim: int):
+    def __init__(self, cin: int, cout: int, cond_dim: int, map_channels: int = 0):
         super().__init__()
         self.fuse1, self.fuse2 = Affine(cond_dim, cin), Affine(cond_dim, cout)
-        self.conv1, self.conv2 = nn.Conv2d(cin, cout, 3, 1, 1), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.conv1, self.conv2 = nn.Conv2d(cin + map_channels, cout, 3, 1, 1), nn.Conv2d(cout, cout, 3, 1, 1)
         self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x, cond):
+    def forward(self, x, cond, layout_map=None):  # layout_map (B, M, 2H, 2W) or None
         x = F.interpolate(x, scale_factor=2, mode="nearest")
-        h = self.conv1(F.leaky_relu(self.fuse1(x, cond), 0.2))
+        h = F.leaky_relu(self.fuse1(x, cond), 0.2)
+        if layout_map is not None:
+            h = torch.cat([h, layout_map], 1)
+        h = self.conv1(h)
         h = self.conv2(F.leaky_relu(self.fuse2(h, cond), 0.2))
         return self.shortcut(x) + h
 
 
 class Generator(nn.Module):
-    def __init__(self, z_dim: int, cond_dim: int, chans: list[int]):
+    def __init__(self, z_dim: int, cond_dim: int, chans: list[int], map_channels: int = 0):
         super().__init__()
         self.fc = nn.Linear(z_dim, chans[0] * 16)
-        self.blocks = nn.ModuleList(GBlock(a, b, z_dim + cond_dim) for a, b in zip(chans[:-1], chans[1:]))
+        self.blocks = nn.ModuleList(GBlock(a, b, z_dim + cond_dim, map_channels) for a, b in zip(chans[:-1], chans[1:]))
         self.to_rgb = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(chans[-1], 3, 3, 1, 1), nn.Tanh())
 
-    def forward(self, z, sentence):  # z (B, Z), sentence (B, E)
+    def forward(self, z, sentence, maps=None):  # z (B, Z), sentence (B, E), maps: layout maps at 8..64 px
         cond = torch.cat([z, sentence], dim=-1)
         x = self.fc(z).view(z.size(0), -1, 4, 4)  # (B, C0, 4, 4)
-        for block in self.blocks:
-            x = block(x, cond)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, maps[i] if maps is not None else None)
         return self.to_rgb(x)  # (B, 3, 64, 64)
 
 
@@ -100,15 +108,17 @@ class DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, cond_dim: int, chans: list[int]):
+    def __init__(self, cond_dim: int, chans: list[int], map_channels: int = 0):
         super().__init__()
         chans = chans[::-1]  # 64, 32, 16, 8, 4 px
-        self.stem = nn.Conv2d(3, chans[0], 3, 1, 1)
+        self.stem = nn.Conv2d(3 + map_channels, chans[0], 3, 1, 1)
         self.blocks = nn.Sequential(*(DBlock(a, b) for a, b in zip(chans[:-1], chans[1:])))
         self.joint = nn.Sequential(nn.Conv2d(chans[-1] + cond_dim, chans[-1], 3, 1, 1), nn.LeakyReLU(0.2),
                                    nn.Conv2d(chans[-1], 1, 4, 1, 0))
 
-    def forward(self, images, sentence):  # images (B, 3, 64, 64), sentence (B, E)
+    def forward(self, images, sentence, layout_map=None):  # images (B, 3, 64, 64), sentence (B, E)
+        if layout_map is not None:  # (B, M, 64, 64)
+            images = torch.cat([images, layout_map], 1)
         h = self.blocks(self.stem(images))  # (B, C0, 4, 4)
         s = sentence[..., None, None].expand(-1, -1, 4, 4)
         return self.joint(torch.cat([h, s], dim=1)).view(-1)  # (B,)
@@ -125,25 +135,34 @@ class DFGAN(TextToImageModel):
         if len(config.channels) != 5:
             raise ValueError(f"channels must give 5 widths (4, 8, 16, 32, 64 px), got {config.channels}")
         e = self.text_encoder.out_dim
-        self.generator = Generator(config.z_dim, e, list(config.channels))
-        self.discriminator = Discriminator(e, list(config.channels))
+        m = self.layout.config.channels if self.layout is not None else 0
+        self.generator = Generator(config.z_dim, e, list(config.channels), m)
+        self.discriminator = Discriminator(e, list(config.channels), m)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the lazy gradient penalty
+
+    MAP_SIZES = (8, 16, 32, 64)  # where the generator blocks read the layout map
 
     def param_groups(self) -> list[dict]:
         g = list(self.generator.parameters())
         d = [p for p in self.discriminator.parameters()] + [p for p in self.text_encoder.parameters() if p.requires_grad]
+        if self.layout is not None:  # read with the text, trained by its own likelihood and the discriminator
+            d += list(self.layout.parameters())
         return [{"params": g, "lr_scale": self.config.lr_scale_g}, {"params": d, "lr_scale": 1.0}]
 
     def loss(self, batch):
         images, texts = batch["images"], batch["texts"]
         b = images.size(0)
-        _, _, sentence = self.encode_text(texts)  # (B, E)
+        tokens, mask, sentence = self.encode_text(texts)  # (B, T, E), (B, T), (B, E)
+        maps, layout_nll, full = None, None, None
+        if self.layout is not None:  # the true boxes, painted at 8..64 px; the discriminator reads the 64 px map
+            maps, layout_nll = self.layout_maps(tokens, mask, self.MAP_SIZES, batch=batch)
+            full = maps[-1]
         z = torch.randn(b, self.config.z_dim, device=images.device)
-        fake = self.generator(z, sentence.detach())
+        fake = self.generator(z, sentence.detach(), [m.detach() for m in maps] if maps else None)
         # discriminator: real+matching high, fake low, real+mismatched text low (hinge)
-        d_real = self.discriminator(images, sentence)
-        d_fake = self.discriminator(fake.detach(), sentence)
-        d_mismatch = self.discriminator(images[:-1], sentence[1:]) if b > 1 else d_fake
+        d_real = self.discriminator(images, sentence, full)
+        d_fake = self.discriminator(fake.detach(), sentence, full)
+        d_mismatch = self.discriminator(images[:-1], sentence[1:], full[1:] if full is not None else None) if b > 1 else d_fake
         d_loss = F.relu(1 - d_real).mean() + 0.5 * (F.relu(1 + d_fake).mean() + F.relu(1 + d_mismatch).mean())
         # matching-aware gradient penalty on real images with their own text (every gp_every steps)
         gp = images.new_zeros(())
@@ -151,18 +170,25 @@ class DFGAN(TextToImageModel):
         if not self.training or int(self.step) % every == 0:
             x = images.detach().requires_grad_(True)
             s = sentence.detach().requires_grad_(True)
-            grad_x, grad_s = torch.autograd.grad(self.discriminator(x, s).sum(), (x, s), create_graph=True)
+            grad_x, grad_s = torch.autograd.grad(self.discriminator(x, s, full).sum(), (x, s), create_graph=True)
             norm = torch.sqrt(grad_x.flatten(1).pow(2).sum(1) + grad_s.pow(2).sum(1) + 1e-12)
             gp = every * self.config.gp_weight * norm.pow(self.config.gp_power).mean()
         if self.training:
             self.step += 1
         # generator: fool a frozen copy of the discriminator's current parameters
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
-        g_loss = -functional_call(self.discriminator, frozen, (fake, sentence.detach())).mean()
-        return d_loss + gp + g_loss, {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "gp": gp.detach()}
+        g_loss = -functional_call(self.discriminator, frozen, (fake, sentence.detach(),
+                                                              full.detach() if full is not None else None)).mean()
+        logs = {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "gp": gp.detach()}
+        loss = d_loss + gp + g_loss
+        if layout_nll is not None:
+            loss = loss + self.layout.config.weight * layout_nll
+            logs["layout_nll"] = layout_nll.detach()
+        return loss, logs
 
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):
-        _, _, sentence = self.encode_text(texts, strict=strict)
+        tokens, mask, sentence = self.encode_text(texts, strict=strict)
+        maps = self.layout_maps(tokens, mask, self.MAP_SIZES, seeds=seeds)[0] if self.layout is not None else None
         z = self.noise(seeds, (self.config.z_dim,), sentence.device)
-        return self.generator(z, sentence)
+        return self.generator(z, sentence, maps)

@@ -14,6 +14,10 @@
   conditioned on a negative prompt instead.
 - The first stage is `xmodal.models.autoencoder.Autoencoder`, frozen, stored inside this
   model's folder so the folder is self-contained.
+- Optional layout stage (`layout` set; `xmodal.models.layout`): boxes drawn from the text,
+  painted as a map at 16 latent pixels and concatenated to the UNet's input, as GLIGEN grounds
+  a diffusion model on boxes (https://arxiv.org/abs/2301.07093; GLIGEN uses gated attention
+  to box tokens, we use the map). Condition dropout drops the map with the text.
 The network (`UNet`) is apart from the process (`LatentDiffusion.loss` / `generate`).
 """
 
@@ -47,6 +51,7 @@ class DiffusionConfig:
     sampler: str = "dpm"
     steps: int = 10
     guidance: float = 3.0
+    layout: dict = field(default_factory=dict)  # LayoutConfig fields; empty = no layout stage
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -103,13 +108,14 @@ class AttentionBlock(nn.Module):
 class UNet(nn.Module):
     """(B, C, 16, 16) noisy latents, timesteps, text -> predicted noise. Two levels: 16 and 8 px."""
 
-    def __init__(self, latent_channels: int, channels: tuple[int, ...], text_dim: int, heads: int):
+    def __init__(self, latent_channels: int, channels: tuple[int, ...], text_dim: int, heads: int,
+                 map_channels: int = 0):
         super().__init__()
         c1, c2 = channels
         emb = 4 * c1
         self.time_mlp = nn.Sequential(nn.Linear(c1, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.text_to_emb = nn.Linear(text_dim, emb)
-        self.conv_in = nn.Conv2d(latent_channels, c1, 3, 1, 1)
+        self.conv_in = nn.Conv2d(latent_channels + map_channels, c1, 3, 1, 1)
         self.down1, self.att1 = ResBlock(c1, c1, emb), AttentionBlock(c1, text_dim, heads)  # 16 px
         self.downsample = nn.Conv2d(c1, c1, 3, 2, 1)
         self.down2, self.att2 = ResBlock(c1, c2, emb), AttentionBlock(c2, text_dim, heads)  # 8 px
@@ -123,8 +129,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         self.c1 = c1
 
-    def forward(self, x, t, tokens, mask, pooled):
+    def forward(self, x, t, tokens, mask, pooled, layout_map=None):  # layout_map (B, M, 16, 16) or None
         emb = self.time_mlp(timestep_embedding(t, self.c1)) + self.text_to_emb(pooled)  # (B, E)
+        if layout_map is not None:
+            x = torch.cat([x, layout_map.to(x.dtype)], 1)
         h1 = self.att1(self.down1(self.conv_in(x), emb), tokens, mask)  # (B, c1, 16, 16)
         h2 = self.att2(self.down2(self.downsample(h1), emb), tokens, mask)  # (B, c2, 8, 8)
         h = self.att_mid(self.mid(h2, emb), tokens, mask)
@@ -161,7 +169,8 @@ class LatentDiffusion(TextToImageModel):
         super().__init__(config)
         self.autoencoder = Autoencoder(AutoencoderConfig(**config.autoencoder)).requires_grad_(False).eval()
         d = self.text_encoder.out_dim
-        self.unet = UNet(self.autoencoder.config.latent_channels, tuple(config.channels), d, config.heads)
+        m = self.layout.config.channels if self.layout is not None else 0
+        self.unet = UNet(self.autoencoder.config.latent_channels, tuple(config.channels), d, config.heads, m)
         self.null_tokens = nn.Parameter(torch.zeros(1, 1, d))  # the "no text" condition
         self.null_pooled = nn.Parameter(torch.zeros(1, d))
         self._train_scheduler = make_scheduler("ddpm", config)
@@ -187,16 +196,24 @@ class LatentDiffusion(TextToImageModel):
         with torch.no_grad():
             latents = self.autoencoder.encode(images) / self.config.latent_scale  # (B, C, 16, 16)
         tokens, mask, pooled = self.condition(batch["texts"])
+        layout_map, layout_nll = None, None
+        if self.layout is not None:
+            (layout_map,), layout_nll = self.layout_maps(tokens, mask, (16,), batch=batch)
         drop = torch.rand(b, device=images.device) < self.config.p_uncond
         null_tokens, null_mask, null_pooled = self._null(b, tokens.size(1))
         tokens = torch.where(drop[:, None, None], null_tokens, tokens)
         mask = torch.where(drop[:, None], null_mask, mask)
         pooled = torch.where(drop[:, None], null_pooled, pooled)
+        if layout_map is not None:
+            layout_map = layout_map * (~drop)[:, None, None, None]
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.config.train_timesteps, (b,), device=images.device)
         noisy = self._train_scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, tokens, mask, pooled)
-        return F.mse_loss(pred.float(), noise)
+        pred = self.unet(noisy, t, tokens, mask, pooled, layout_map)
+        loss = F.mse_loss(pred.float(), noise)
+        if layout_nll is None:
+            return loss
+        return loss + self.layout.config.weight * layout_nll, {"mse": loss.detach(), "layout_nll": layout_nll.detach()}
 
     @torch.no_grad()
     def generate(self, texts, seeds, steps: int | None = None, guidance: float | None = None,
@@ -213,6 +230,10 @@ class LatentDiffusion(TextToImageModel):
         b = len(texts)
         device = self.null_pooled.device
         tokens, mask, pooled = self.condition(texts, strict=strict)
+        layout_map = un_map = None
+        if self.layout is not None:
+            (layout_map,), _ = self.layout_maps(tokens, mask, (16,), seeds=seeds)
+            un_map = torch.zeros_like(layout_map)
         if negative:
             neg = self.condition([negative] * b, strict=strict)
             t_max = max(tokens.size(1), neg[0].size(1))
@@ -225,13 +246,14 @@ class LatentDiffusion(TextToImageModel):
         generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]  # per-image sampler noise
         both_tokens, both_mask = torch.cat([tokens, un_tokens]), torch.cat([mask, un_mask])
         both_pooled = torch.cat([pooled, un_pooled])
+        both_map = torch.cat([layout_map, un_map]) if layout_map is not None else None
         for t in scheduler.timesteps:
             x = scheduler.scale_model_input(latents, t)
             if guidance == 1.0:
-                eps = self.unet(x, t.expand(b).to(device), tokens, mask, pooled)
+                eps = self.unet(x, t.expand(b).to(device), tokens, mask, pooled, layout_map)
             else:
                 eps_c, eps_u = self.unet(torch.cat([x, x]), t.expand(2 * b).to(device), both_tokens, both_mask,
-                                         both_pooled).float().chunk(2)
+                                         both_pooled, both_map).float().chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents, generator=generators).prev_sample
         return self.autoencoder.decode(latents * c.latent_scale).clamp(-1, 1)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from xmodal.models.hub import PretrainedModel
+from xmodal.models.layout import LayoutConfig, LayoutModel, layout_generators, layout_targets
 from xmodal.models.text_encoders import create_text_encoder
 
 
@@ -38,7 +39,35 @@ class WithTextEncoder(PretrainedModel):
 
 
 class TextToImageModel(WithTextEncoder):
+    """Generators may add a layout stage (`xmodal.models.layout`): `config.layout` non-empty
+    builds `self.layout`, and `layout_maps()` gives the map the image generator paints from."""
+
     task = "text-to-image"
+
+    def __init__(self, config):
+        super().__init__(config)
+        layout = getattr(config, "layout", None)
+        self.layout = LayoutModel(self.text_encoder.out_dim, LayoutConfig(**layout)) if layout else None
+
+    @property
+    def layout_slots(self) -> int:
+        return self.layout.config.slots if self.layout is not None else 0
+
+    def layout_maps(self, tokens, mask, sizes: Sequence[int], batch: dict | None = None,
+                    seeds: Sequence[int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Layout maps (B, C, s, s) for each s in `sizes`, and the layout's NLL: in training
+        the true boxes of `batch["layout"]` are painted, in generation boxes drawn per seed."""
+        slots = self.layout.read(tokens, mask)  # (B, K, D)
+        if batch is not None:
+            if "layout" not in batch:
+                raise ValueError("this generator has a layout stage and trains on object boxes, but the batch has "
+                                 "none: collate with GenerationCollate(layout_slots=model.layout_slots)")
+            boxes, present = batch["layout"]
+            nll = self.layout.loss(slots, boxes, present)
+        else:
+            boxes, present = self.layout.sample(slots, layout_generators(seeds))
+            nll = None
+        return [self.layout.paint(slots, boxes, present, s) for s in sizes], nll
 
     @staticmethod
     def noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch.Tensor:
@@ -48,13 +77,17 @@ class TextToImageModel(WithTextEncoder):
 
 class GenerationCollate:
     """(image, captions, record) items -> {"images", "texts"}; a random reference per image
-    (Python's RNG, restored on resume) so the model learns every paraphrase."""
+    (Python's RNG, restored on resume) so the model learns every paraphrase. With
+    `layout_slots` > 0 also "layout": the true boxes of the records' objects."""
 
-    def __init__(self, choice: str = "random"):
+    def __init__(self, choice: str = "random", layout_slots: int = 0):
         if choice not in ("first", "random"):
             raise ValueError(f"caption choice {choice!r} is not one of ('first', 'random')")
-        self.choice = choice
+        self.choice, self.layout_slots = choice, layout_slots
 
     def __call__(self, items: list) -> dict:
         texts = [caps[0] if self.choice == "first" else random.choice(caps) for _, caps, _ in items]
-        return {"images": torch.stack([it[0] for it in items]), "texts": texts}
+        batch = {"images": torch.stack([it[0] for it in items]), "texts": texts}
+        if self.layout_slots:
+            batch["layout"] = layout_targets([it[2] for it in items], self.layout_slots)
+        return batch

@@ -254,7 +254,8 @@ def _train_generator(config: dict, config_path: Path, overrides: list[str], resu
         evaluate = (lambda m: retrieval_quality(m, eval_set)) if eval_set is not None else None
     else:
         evaluate = (lambda m: generator_quality(m, prompts, truths)) if prompts else None
-    trainer = Trainer(model, train_set, train_cfg, collate_fn=GenerationCollate(data.captions), evaluate=evaluate)
+    collate = GenerationCollate(data.captions, layout_slots=getattr(model, "layout_slots", 0))
+    trainer = Trainer(model, train_set, train_cfg, collate_fn=collate, evaluate=evaluate)
     return _run(trainer, resume, evaluate, config_path, overrides, data)
 
 

@@ -1,0 +1,197 @@
+"""Text -> layout: where the objects of a prompt go, as a stage before the image generator.
+
+The two-stage design of Hong et al. 2018 ("Inferring Semantic Layout for Hierarchical
+Text-to-Image Synthesis", https://arxiv.org/abs/1801.05091) and Obj-GAN (Li et al. 2019,
+https://arxiv.org/abs/1902.10740): a layout generator reads the text and draws one box per
+object, then the image generator paints inside those boxes. Boxes are supervised by the
+object annotations of the training data (`record["scene"]["objects"]`: centre and
+half-extent); the image generator sees the layout as a feature map, as GLIGEN
+(https://arxiv.org/abs/2301.07093) grounds a diffusion model on boxes.
+
+- Slots: K learned queries read the text encoder's tokens through a small transformer
+  decoder (cross-attention to the words, self-attention among slots), so slot k holds the
+  words of the k-th object in reading order (left/upper object first) -- whatever order the
+  prompt names them in.
+- Boxes: autoregressive over slots, each a categorical distribution -- half-extent first
+  (`radius_bins` bins), then the centre on a `grid` x `grid` lattice given that extent and
+  the earlier slots' boxes; a position inside the chosen bin is uniform. Presence of each
+  slot is a Bernoulli. Trained by maximum likelihood with the true boxes fed back.
+- Map: `paint()` rasterises the slots at any size: inside slot k's box, its projected
+  features plus the box-relative coordinates (u, v) and the box mask. Differences from the
+  papers: boxes are squares (centre and half-extent), as the Shapes world's objects are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CANVAS = 64.0  # box coordinates are in 64-pixel units, whatever the image size
+
+
+@dataclass
+class LayoutConfig:
+    slots: int = 2  # the most objects a prompt can name
+    dim: int = 128  # width of the slot decoder
+    heads: int = 4
+    layers: int = 2
+    max_len: int = 32  # word positions the slot decoder knows
+    grid: int = 32  # centre bins per axis
+    radius_bins: int = 26
+    radius_range: tuple[float, float] = (3.0, 16.0)  # half-extent range, 64-px units
+    feature_dim: int = 32  # channels each slot paints into its box
+    weight: float = 0.1  # of the layout's negative log-likelihood in the generator's loss
+
+    @property
+    def channels(self) -> int:  # of the painted map: features, u, v, mask
+        return self.feature_dim + 3
+
+
+@dataclass
+class Layout:
+    """Boxes (B, K, 3) as (cx, cy, r) in 64-px units, present (B, K) bool, slot features (B, K, D)."""
+
+    boxes: torch.Tensor
+    present: torch.Tensor
+    slots: torch.Tensor
+
+
+def layout_targets(records: Sequence[dict], slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """True boxes of records with object annotations, in reading order -> (boxes (B, K, 3), present (B, K))."""
+    boxes, present = torch.zeros(len(records), slots, 3), torch.zeros(len(records), slots, dtype=torch.bool)
+    for i, record in enumerate(records):
+        objects = (record.get("scene") or {}).get("objects")
+        if not objects:
+            raise ValueError("this generator has a layout stage, which trains on object boxes "
+                             "(record['scene']['objects'] with cx, cy, r); this data set's records have none")
+        if len(objects) > slots:
+            raise ValueError(f"a record has {len(objects)} objects; the layout stage has {slots} slots")
+        for k, o in enumerate(reading_order(objects)):
+            boxes[i, k] = torch.tensor([o["cx"], o["cy"], o["r"]], dtype=torch.float32)
+            present[i, k] = True
+    return boxes, present
+
+
+def reading_order(objects: Sequence[dict]) -> list[dict]:
+    """Objects as a caption names them: two objects left-to-right if they are further apart
+    horizontally than vertically, else top-to-bottom (the Shapes world's canonical order)."""
+    if len(objects) != 2:
+        return sorted(objects, key=lambda o: (o["cx"], o["cy"]))
+    a, b = objects
+    dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]
+    first_is_a = dx > 0 if abs(dx) >= abs(dy) else dy > 0
+    return [a, b] if first_is_a else [b, a]
+
+
+class LayoutModel(nn.Module):
+    def __init__(self, text_dim: int, config: LayoutConfig):
+        super().__init__()
+        c = self.config = config
+        self.memory = nn.Linear(text_dim, c.dim)
+        self.position = nn.Embedding(c.max_len, c.dim)  # word order, for encoders without it (word2vec)
+        self.queries = nn.Parameter(torch.randn(c.slots, c.dim) * 0.02)
+        layer = nn.TransformerDecoderLayer(c.dim, c.heads, 2 * c.dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, c.layers)
+        self.presence = nn.Linear(c.dim, 1)
+        self.box_embedding = nn.Sequential(nn.Linear(3, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.radius_head = nn.Sequential(nn.Linear(c.dim, 256), nn.SiLU(), nn.Linear(256, c.radius_bins))
+        self.radius_embedding = nn.Embedding(c.radius_bins, c.dim)
+        self.centre_head = nn.Sequential(nn.Linear(c.dim, 256), nn.SiLU(), nn.Linear(256, c.grid * c.grid))
+        self.to_features = nn.Linear(c.dim, c.feature_dim)
+
+    # ------------------------------------------------------------------ reading the text
+    def read(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T, E), mask (B, T) -> slot features (B, K, D)."""
+        b, t, _ = tokens.shape
+        if t > self.config.max_len:
+            raise ValueError(f"the prompt has {t} tokens; the layout stage reads at most {self.config.max_len}")
+        memory = self.memory(tokens) + self.position.weight[:t]  # (B, T, D)
+        queries = self.queries.expand(b, -1, -1)  # (B, K, D)
+        return self.decoder(queries, memory, memory_key_padding_mask=~mask.bool())  # (B, K, D)
+
+    def _bins(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """boxes (..., 3) -> radius bin (...), centre bin (...) = row * grid + column."""
+        c = self.config
+        lo, hi = c.radius_range
+        r_bin = ((boxes[..., 2] - lo) / (hi - lo) * c.radius_bins).long().clamp(0, c.radius_bins - 1)
+        xy = (boxes[..., :2] / CANVAS * c.grid).long().clamp(0, c.grid - 1)
+        return r_bin, xy[..., 1] * c.grid + xy[..., 0]
+
+    def _context(self, slots: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor, k: int) -> torch.Tensor:
+        """Slot k's feature plus the boxes already placed (slots < k) -> (B, D)."""
+        h = slots[:, k]
+        if k:
+            placed = self.box_embedding(boxes[:, :k] / CANVAS) * present[:, :k, None]  # (B, k, D)
+            h = h + placed.sum(1)
+        return h
+
+    def loss(self, slots: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of the true layout, per object (presence, extent, centre)."""
+        present_f = present.float()
+        nll = F.binary_cross_entropy_with_logits(self.presence(slots).squeeze(-1), present_f, reduction="sum")
+        r_bin, xy_bin = self._bins(boxes)
+        for k in range(self.config.slots):
+            h = self._context(slots, boxes, present, k)
+            nll_r = F.cross_entropy(self.radius_head(h), r_bin[:, k], reduction="none")
+            nll_xy = F.cross_entropy(self.centre_head(h + self.radius_embedding(r_bin[:, k])), xy_bin[:, k],
+                                     reduction="none")
+            nll = nll + ((nll_r + nll_xy) * present_f[:, k]).sum()
+        return nll / present_f.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def sample(self, slots: torch.Tensor, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one layout per row, row i from generators[i] only -> boxes (B, K, 3), present (B, K)."""
+        c = self.config
+        b, k_slots = slots.shape[:2]
+        lo, hi = c.radius_range
+        boxes = slots.new_zeros(b, k_slots, 3)
+        present = torch.zeros(b, k_slots, dtype=torch.bool, device=slots.device)
+        p_present = torch.sigmoid(self.presence(slots).squeeze(-1)).float().cpu()  # (B, K)
+        for k in range(k_slots):
+            h = self._context(slots, boxes, present, k)
+            r_probs = F.softmax(self.radius_head(h).float(), -1).cpu()  # (B, R)
+            r_bin = torch.stack([torch.multinomial(r_probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
+            xy_logits = self.centre_head(h + self.radius_embedding(r_bin.to(slots.device)))
+            xy_probs = F.softmax(xy_logits.float(), -1).cpu()  # (B, G*G)
+            for i, g in enumerate(generators):
+                xy = int(torch.multinomial(xy_probs[i], 1, generator=g))
+                u = torch.rand(4, generator=g)  # presence draw, jitter of r, x, y inside their bins
+                present[i, k] = bool(k == 0 or (u[0] < p_present[i, k] and present[i, k - 1]))
+                r = lo + (int(r_bin[i]) + float(u[1])) * (hi - lo) / c.radius_bins
+                x = (xy % c.grid + float(u[2])) * CANVAS / c.grid
+                y = (xy // c.grid + float(u[3])) * CANVAS / c.grid
+                boxes[i, k] = torch.tensor([x, y, r])
+        return boxes, present
+
+    # ------------------------------------------------------------------ painting the map
+    def paint(self, slots: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor, size: int) -> torch.Tensor:
+        """The layout as a (B, feature_dim + 3, size, size) map: in each box its slot's features,
+        the box-relative coordinates u, v in [-1, 1] and the box mask; zero elsewhere."""
+        features = self.to_features(slots)  # (B, K, F)
+        return paint_boxes(features, boxes, present, size)
+
+
+def paint_boxes(features: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor, size: int) -> torch.Tensor:
+    """features (B, K, F), boxes (B, K, 3), present (B, K) -> (B, F + 3, size, size)."""
+    pixel = CANVAS / size
+    coords = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) + 0.5) * pixel  # pixel centres
+    cx, cy, r = (boxes[..., i, None, None] for i in range(3))  # (B, K, 1, 1)
+    r = r.clamp(min=1.0)  # absent slots have r = 0
+    dx = coords.view(1, 1, 1, size) - cx  # (B, K, 1, W)
+    dy = coords.view(1, 1, size, 1) - cy  # (B, K, H, 1)
+    # coverage of each pixel by the box grown by one pixel (anti-aliased edges stay inside)
+    inside = ((r + pixel - torch.maximum(dx.abs(), dy.abs())) / pixel + 0.5).clamp(0, 1)  # (B, K, H, W)
+    inside = inside * present[..., None, None].to(inside.dtype)
+    u, v = (dx / r).clamp(-2, 2), (dy / r).clamp(-2, 2)
+    painted = torch.einsum("bkhw,bkf->bfhw", inside, features.to(inside.dtype))
+    extra = torch.stack([(inside * u).sum(1), (inside * v).sum(1), inside.sum(1)], 1)  # (B, 3, H, W)
+    return torch.cat([painted, extra], 1)
+
+
+def layout_generators(seeds: Sequence[int], offset: int = 7_919) -> list[torch.Generator]:
+    """One generator per image for its layout draws (apart from the image noise of the same seed)."""
+    return [torch.Generator().manual_seed(int(s) * 2 + offset) for s in seeds]

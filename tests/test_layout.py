@@ -1,0 +1,109 @@
+import dataclasses
+
+import pytest
+import torch
+
+from xmodal.data.shapes import ShapesDataset
+from xmodal.models.generation import GenerationCollate
+from xmodal.models.hub import load_model
+from xmodal.models.layout import LayoutConfig, LayoutModel, layout_generators, layout_targets, paint_boxes
+from xmodal.models.registry import create_model
+from xmodal.models.text_encoders import prepare_text_encoder
+
+TINY_LAYOUT = {"slots": 2, "dim": 16, "heads": 2, "layers": 1, "grid": 8, "radius_bins": 4, "feature_dim": 4}
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = ShapesDataset("train", count=8, seed=6)
+    items = [ds[i] for i in range(8)]
+    return [c for _, caps, _ in items for c in caps], GenerationCollate(layout_slots=2)(items), items
+
+
+def _record(*objects):
+    return {"scene": {"objects": [{"cx": x, "cy": y, "r": r} for x, y, r in objects]}}
+
+
+def test_targets_follow_reading_order_whatever_the_record_order():
+    boxes, present = layout_targets([
+        _record((50, 30, 7), (10, 32, 12)),  # right object listed first: the left one comes first
+        _record((30, 50, 7), (32, 10, 12)),  # lower object listed first: the upper one comes first
+        _record((20, 20, 9)),
+    ], slots=2)
+    assert boxes[0].tolist() == [[10, 32, 12], [50, 30, 7]]
+    assert boxes[1].tolist() == [[32, 10, 12], [30, 50, 7]]
+    assert present.tolist() == [[True, True], [True, True], [True, False]]
+    assert boxes[2, 1].tolist() == [0, 0, 0]
+
+
+def test_targets_name_missing_boxes_and_too_many_objects():
+    with pytest.raises(ValueError, match="object boxes"):
+        layout_targets([{"captions": ["a cat"]}], slots=2)
+    with pytest.raises(ValueError, match="3 objects"):
+        layout_targets([_record((5, 5, 2), (20, 5, 2), (40, 5, 2))], slots=2)
+
+
+def test_paint_fills_the_box_and_nothing_else():
+    features = torch.tensor([[[2.0], [5.0]]])  # (B=1, K=2, F=1); the second slot is absent
+    boxes = torch.tensor([[[16.0, 32.0, 8.0], [48.0, 32.0, 8.0]]])
+    present = torch.tensor([[True, False]])
+    grid = paint_boxes(features, boxes, present, size=64)  # (1, F + 3, 64, 64)
+    assert grid.shape == (1, 4, 64, 64)
+    feature, u, v, mask = grid[0]
+    assert mask[32, 16] == 1 and mask[32, 40] == 0 and mask[32, 56] == 0  # absent slot paints nothing
+    assert feature[32, 16] == 2.0 and feature[5, 5] == 0
+    assert mask[32, 7] == 1 and mask[32, 6] == 0  # the box grown by one pixel covers x in [7, 25]
+    assert u[32, 20].item() == pytest.approx((20.5 - 16) / 8) and v[36, 16].item() == pytest.approx((36.5 - 32) / 8)
+    assert torch.isfinite(grid).all()
+
+
+def test_layout_learns_boxes_and_samples_per_seed(data):
+    captions, batch, _ = data
+    encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
+    torch.manual_seed(0)
+    layout = LayoutModel(16, LayoutConfig(**TINY_LAYOUT))
+    params = list(layout.parameters()) + list(encoder.parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    tokens, mask, _ = encoder.encode(batch["texts"])
+    first = layout.loss(layout.read(tokens, mask), *batch["layout"]).item()
+    for _ in range(60):
+        tokens, mask, _ = encoder.encode(batch["texts"])
+        loss = layout.loss(layout.read(tokens, mask), *batch["layout"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    slots = layout.read(*encoder.encode(batch["texts"])[:2])
+    boxes, present = layout.sample(slots, layout_generators(range(8)))
+    again, _ = layout.sample(slots[3:5], layout_generators([3, 4]))
+    assert torch.equal(boxes[3:5], again)  # a layout depends on its own prompt and seed only
+    assert present[:, 0].all() and (boxes[..., 2][present] >= 3).all()
+    assert present[:, 1].tolist() == batch["layout"][1][:, 1].tolist()  # overfit: the object count is learned
+
+
+@pytest.mark.parametrize("name", ["cvae", "dfgan", "latent-diffusion"])
+def test_generators_with_a_layout_stage(name, data, tmp_path):
+    captions, batch, items = data
+    encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
+    torch.manual_seed(0)
+    if name in ("cvae", "dfgan"):
+        model = create_model(name, text_encoder=spec, z_dim=4, channels=(16, 8, 8, 4, 4), layout=TINY_LAYOUT)
+    else:
+        ae = create_model("autoencoder", latent_channels=2, channels=(8, 8, 8))
+        model = create_model("latent-diffusion", text_encoder=spec, autoencoder=dataclasses.asdict(ae.config),
+                             channels=(8, 16), heads=2, steps=3, layout=TINY_LAYOUT)
+        torch.nn.init.normal_(model.unet.conv_out.weight, std=0.1)
+    loss, logs = model.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and logs["layout_nll"] > 0
+    assert model.layout.queries.grad is not None and model.layout.to_features.weight.grad is not None
+    with pytest.raises(ValueError, match="object boxes"):
+        model.loss(GenerationCollate()(items))  # no "layout" in the batch
+    model.eval()
+    texts = ["a small red circle", "a large blue square to the left of a small green cross"]
+    a = model.generate(texts, [1, 2])
+    assert torch.equal(a, model.generate(texts, [1, 2]))
+    torch.testing.assert_close(a[1], model.generate(texts[1:], [2])[0], atol=1e-5, rtol=0)
+    assert not torch.equal(a, model.generate(texts, [5, 6]))
+    model.save_pretrained(tmp_path / "m")
+    assert torch.equal(a, load_model(tmp_path / "m").generate(texts, [1, 2]))
