@@ -7,6 +7,8 @@ For `test` and `novel` scenes from seeds never used in training, one image per p
 with canonical prompts and with a paraphrase of each (the first non-canonical reference).
 Each image is read twice: by the project's captioner (the cycle measure) and by the
 independent pixel judge. Speed: images per second in batches of 64 and 256.
+For a model with a layout stage, also how often its drawn boxes alone are right
+(`layout`: object count, each box's size class, and the relation of the two boxes).
 """
 
 from __future__ import annotations
@@ -24,11 +26,37 @@ from xmodal.metrics.scenes import captioner_reader, judge_reader, scene_accuracy
 from xmodal.worlds.shapes import Scene
 
 
+def layout_accuracy(model, prompts: list[str], truths: list, seed: int = 5000) -> dict:
+    """Fraction of drawn layouts with the right object count, sizes (r < 9.5 px is small) and relation."""
+    from xmodal.models.layout import layout_generators
+
+    with torch.no_grad():
+        tokens, mask, _ = model.encode_text(prompts)
+        boxes, present = model.layout.sample(model.layout.read(tokens, mask), layout_generators(range(seed, seed + len(prompts))))
+    hits = {"count": 0, "size": 0, "relation": 0, "all": 0}
+    for b, p, truth in zip(boxes.tolist(), present.tolist(), truths):
+        n = sum(p)
+        count = n == len(truth.objects)
+        size = count and all(("small" if b[k][2] < 9.5 else "large") == o.size for k, o in enumerate(truth.objects))
+        relation = True
+        if count and n == 2:
+            dx, dy = b[1][0] - b[0][0], b[1][1] - b[0][1]
+            relation = (truth.relation == "left" and dx > 0 and abs(dx) >= abs(dy)) or \
+                       (truth.relation == "above" and dy > 0 and abs(dy) > abs(dx))
+        for key, ok in (("count", count), ("size", size), ("relation", count and relation),
+                        ("all", count and size and relation)):
+            hits[key] += bool(ok)
+    return {k: round(v / len(prompts), 4) for k, v in hits.items()}
+
+
 def evaluate(pipe, captioner, split: str, count: int, options: dict) -> dict:
     data = ShapesDataset(split, count, seed=91)
     records = [data.item(i)[0] for i in range(count)]
     truths = [Scene.from_dict(r["scene"]).spec for r in records]
     out = {}
+    if getattr(pipe.model, "layout", None) is not None:
+        out["layout"] = {style: layout_accuracy(pipe.model, [r["captions"][pick] for r in records], truths)
+                         for style, pick in (("canonical", 0), ("paraphrase", 1))}
     for style, pick in (("canonical", 0), ("paraphrase", 1)):
         prompts = [r["captions"][pick] for r in records]
         images = [np.asarray(im) for im in pipe(prompts, n=1, seed=5000, batch_size=128, **options)]
