@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--sampler")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for generation")
     parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--no-speed", action="store_true")
     args = parser.parse_args()
     pipe, captioner = xmodal.load(args.model), xmodal.load(args.captioner)
     options = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("sampler", args.sampler)) if v is not None}
@@ -100,7 +101,8 @@ def main() -> None:
         if not args.no_quality:
             for split in ("test", "novel"):
                 result[split] = evaluate(pipe, captioner, split, args.count, options)
-        result["images_per_s"] = {f"batch{b}": speed(pipe, options, b) for b in (64, 256)}
+        if not args.no_speed:
+            result["images_per_s"] = {f"batch{b}": speed(pipe, options, b) for b in (64, 256)}
     print(json.dumps(result))
 
 

@@ -45,6 +45,7 @@ class LayoutConfig:
     radius_range: tuple[float, float] = (3.0, 16.0)  # half-extent range, 64-px units
     feature_dim: int = 32  # channels each slot paints into its box
     weight: float = 0.1  # of the layout's negative log-likelihood in the generator's loss
+    temperature: float = 1.0  # sampling: < 1 draws boxes from the likelier part of the learned distribution
 
     @property
     def channels(self) -> int:  # of the painted map: features, u, v, mask
@@ -90,6 +91,8 @@ def reading_order(objects: Sequence[dict]) -> list[dict]:
 class LayoutModel(nn.Module):
     def __init__(self, text_dim: int, config: LayoutConfig):
         super().__init__()
+        if config.temperature <= 0:
+            raise ValueError(f"layout temperature must be > 0, got {config.temperature}")
         c = self.config = config
         self.memory = nn.Linear(text_dim, c.dim)
         self.position = nn.Embedding(c.max_len, c.dim)  # word order, for encoders without it (word2vec)
@@ -153,10 +156,10 @@ class LayoutModel(nn.Module):
         p_present = torch.sigmoid(self.presence(slots).squeeze(-1)).float().cpu()  # (B, K)
         for k in range(k_slots):
             h = self._context(slots, boxes, present, k)
-            r_probs = F.softmax(self.radius_head(h).float(), -1).cpu()  # (B, R)
+            r_probs = F.softmax(self.radius_head(h).float() / c.temperature, -1).cpu()  # (B, R)
             r_bin = torch.stack([torch.multinomial(r_probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
             xy_logits = self.centre_head(h + self.radius_embedding(r_bin.to(slots.device)))
-            xy_probs = F.softmax(xy_logits.float(), -1).cpu()  # (B, G*G)
+            xy_probs = F.softmax(xy_logits.float() / c.temperature, -1).cpu()  # (B, G*G)
             for i, g in enumerate(generators):
                 xy = int(torch.multinomial(xy_probs[i], 1, generator=g))
                 u = torch.rand(4, generator=g)  # presence draw, jitter of r, x, y inside their bins
