@@ -107,3 +107,8 @@ def test_generators_with_a_layout_stage(name, data, tmp_path):
     assert not torch.equal(a, model.generate(texts, [5, 6]))
     model.save_pretrained(tmp_path / "m")
     assert torch.equal(a, load_model(tmp_path / "m").generate(texts, [1, 2]))
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature"):
+        LayoutModel(16, LayoutConfig(**{**TINY_LAYOUT, "temperature": 0.0}))
