@@ -96,7 +96,7 @@ class ConditionalVAE(TextToImageModel):
     def loss(self, batch):
         images = batch["images"]
         tokens, mask, cond = self.encode_text(batch["texts"])  # (B, T, E), (B, T), (B, E)
-        maps, layout_nll = self.layout_maps(tokens, mask, self.MAP_SIZES, batch=batch) if self.layout is not None else (None, None)
+        maps, layout_nll = self.layout_maps(tokens, mask, self.MAP_SIZES, batch=batch)
         mu_q, logvar_q = self.posterior(torch.cat([self.encoder(images), cond], -1)).chunk(2, dim=-1)
         mu_p, logvar_p = self.prior(cond).chunk(2, dim=-1)
         z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()
@@ -117,7 +117,7 @@ class ConditionalVAE(TextToImageModel):
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):
         tokens, mask, cond = self.encode_text(texts, strict=strict)
-        maps = self.layout_maps(tokens, mask, self.MAP_SIZES, seeds=seeds)[0] if self.layout is not None else None
+        maps, _ = self.layout_maps(tokens, mask, self.MAP_SIZES, seeds=seeds)
         mu_p, logvar_p = self.prior(cond).chunk(2, dim=-1)
         eps = self.noise(seeds, (self.config.z_dim,), cond.device)
         return self.decode(mu_p + eps * (0.5 * logvar_p).exp(), cond, maps)

@@ -189,6 +189,6 @@ class DFGAN(TextToImageModel):
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):
         tokens, mask, sentence = self.encode_text(texts, strict=strict)
-        maps = self.layout_maps(tokens, mask, self.MAP_SIZES, seeds=seeds)[0] if self.layout is not None else None
+        maps, _ = self.layout_maps(tokens, mask, self.MAP_SIZES, seeds=seeds)
         z = self.noise(seeds, (self.config.z_dim,), sentence.device)
         return self.generator(z, sentence, maps)

@@ -56,7 +56,10 @@ class TextToImageModel(WithTextEncoder):
     def layout_maps(self, tokens, mask, sizes: Sequence[int], batch: dict | None = None,
                     seeds: Sequence[int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Layout maps (B, C, s, s) for each s in `sizes`, and the layout's NLL: in training
-        the true boxes of `batch["layout"]` are painted, in generation boxes drawn per seed."""
+        the true boxes of `batch["layout"]` are painted, in generation boxes drawn per seed.
+        Without a layout stage: (None, None)."""
+        if self.layout is None:
+            return None, None
         slots = self.layout.read(tokens, mask)  # (B, K, D)
         if batch is not None:
             if "layout" not in batch:
