@@ -106,3 +106,29 @@ def test_retrieval_measures_on_constructed_embeddings():
     assert clip_score(emb, emb) == pytest.approx(2.5) and clip_score(emb, -emb) == 0.0
     with pytest.raises(ValueError):
         r_precision(emb[:10], emb[:10])
+
+
+def test_decoder_second_stage_keeps_the_latent_space(tmp_path, capsys):
+    """A decoder-only stage starts from a trained autoencoder: same encoder, same latents, new decoder."""
+    from xmodal.cli import main
+
+    def train(name, model_lines):
+        config = tmp_path / f"{name}.toml"
+        config.write_text('[model]\nname = "autoencoder"\nlatent_channels = 2\nchannels = [8, 8, 8]\n' + model_lines
+                          + f'\n[data]\ncount = 16\neval_count = 4\n[train]\nout_dir = "{tmp_path / name}"\n'
+                          'steps = 3\nbatch_size = 4\nprogress = false\n')
+        return main(["train", str(config)])
+
+    assert train("first", "") == 0
+    second = (f'init_from = "{tmp_path / "first" / "model"}"\ntrain_encoder = false\n'
+              'decoder_channels = [8, 8, 12]\ndecoder_depth = 2\nl1_weight = 1.0\n')
+    assert train("second", second) == 0
+    first, refined = load_model(tmp_path / "first" / "model"), load_model(tmp_path / "second" / "model")
+    images = torch.stack([ShapesDataset("test", 2, seed=3)[i][0] for i in range(2)])
+    with torch.no_grad():
+        assert torch.equal(first.encode(images), refined.encode(images))
+        assert refined.decode(refined.encode(images)).shape == images.shape
+    assert refined.decoder[-3][0].weight.shape == (12, 12, 3, 3)  # the added 64 px convolution
+    capsys.readouterr()
+    assert train("bad", f'init_from = "{tmp_path / "nowhere"}"\n') == 2
+    assert "init_from" in capsys.readouterr().err

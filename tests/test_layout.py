@@ -6,11 +6,19 @@ import torch
 from xmodal.data.shapes import ShapesDataset
 from xmodal.models.generation import GenerationCollate
 from xmodal.models.hub import load_model
-from xmodal.models.layout import LayoutConfig, LayoutModel, layout_generators, layout_targets, paint_boxes
+from xmodal.models.layout import (
+    LayoutConfig,
+    LayoutModel,
+    layout_generators,
+    layout_targets,
+    paint_boxes,
+)
 from xmodal.models.registry import create_model
 from xmodal.models.text_encoders import prepare_text_encoder
 
 TINY_LAYOUT = {"slots": 2, "dim": 16, "heads": 2, "layers": 1, "grid": 8, "radius_bins": 4, "feature_dim": 4}
+LABELS = {"color": ["red", "green", "blue", "yellow", "purple", "orange"],
+          "shape": ["circle", "square", "triangle", "diamond", "cross"]}
 
 
 @pytest.fixture(scope="module")
@@ -81,17 +89,21 @@ def test_layout_learns_boxes_and_samples_per_seed(data):
     assert present[:, 1].tolist() == batch["layout"][1][:, 1].tolist()  # overfit: the object count is learned
 
 
-@pytest.mark.parametrize("name", ["cvae", "dfgan", "latent-diffusion"])
-def test_generators_with_a_layout_stage(name, data, tmp_path):
+@pytest.mark.parametrize("name,labels", [("cvae", {}), ("dfgan", {}), ("latent-diffusion", {}),
+                                         ("latent-diffusion", LABELS)])
+def test_generators_with_a_layout_stage(name, labels, data, tmp_path):
     captions, batch, items = data
     encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
     torch.manual_seed(0)
+    layout = {**TINY_LAYOUT, "labels": labels}
+    if labels:
+        batch = GenerationCollate(layout_slots=2, layout_labels=labels)(items)
     if name in ("cvae", "dfgan"):
-        model = create_model(name, text_encoder=spec, z_dim=4, channels=(16, 8, 8, 4, 4), layout=TINY_LAYOUT)
+        model = create_model(name, text_encoder=spec, z_dim=4, channels=(16, 8, 8, 4, 4), layout=layout)
     else:
         ae = create_model("autoencoder", latent_channels=2, channels=(8, 8, 8))
         model = create_model("latent-diffusion", text_encoder=spec, autoencoder=dataclasses.asdict(ae.config),
-                             channels=(8, 16), heads=2, steps=3, layout=TINY_LAYOUT)
+                             channels=(8, 16), heads=2, steps=3, layout=layout)
         torch.nn.init.normal_(model.unet.conv_out.weight, std=0.1)
     loss, logs = model.loss(batch)
     loss.backward()
@@ -112,3 +124,55 @@ def test_generators_with_a_layout_stage(name, data, tmp_path):
 def test_temperature_must_be_positive():
     with pytest.raises(ValueError, match="temperature"):
         LayoutModel(16, LayoutConfig(**{**TINY_LAYOUT, "temperature": 0.0}))
+
+
+
+def test_targets_carry_object_labels_in_reading_order():
+    records = [{"scene": {"objects": [{"cx": 50, "cy": 30, "r": 7, "color": "blue", "shape": "cross"},
+                                      {"cx": 10, "cy": 32, "r": 9, "color": "red", "shape": "square"}]}}]
+    boxes, present, labels = layout_targets(records, slots=2, labels=LABELS)
+    assert labels.tolist() == [[[0, 1], [2, 4]]]  # the left (red square) object first
+    records[0]["scene"]["objects"][0]["color"] = "teal"
+    with pytest.raises(ValueError, match="'teal', not one of"):
+        layout_targets(records, slots=2, labels=LABELS)
+
+
+def test_labelled_layout_learns_labels_and_paints_them_one_hot(data):
+    captions, _, items = data
+    torch.manual_seed(0)
+    encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
+    batch = GenerationCollate(layout_slots=2, layout_labels=LABELS)(items)
+    layout = LayoutModel(16, LayoutConfig(**TINY_LAYOUT, labels=LABELS))
+    opt = torch.optim.Adam(list(layout.parameters()) + list(encoder.parameters()), lr=3e-3)
+    for _ in range(150):
+        tokens, mask, _ = encoder.encode(batch["texts"])
+        loss = layout.loss(layout.read(tokens, mask), *batch["layout"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    slots = layout.read(*encoder.encode(batch["texts"])[:2])
+    _, present, labels = batch["layout"]
+    assert torch.equal(layout.predict_labels(slots)[present], labels[present])  # overfit: every label read
+    boxes = torch.tensor([[[16.0, 32.0, 8.0], [48.0, 32.0, 8.0]]])
+    grid = layout.paint(slots[:1], boxes, torch.tensor([[True, True]]), 64, labels=torch.tensor([[[2, 4], [0, 1]]]))
+    assert grid.shape == (1, 4 + 11 + 3, 64, 64) and layout.config.channels == 18
+    one_hot = grid[0, 4:15]
+    assert one_hot[:, 32, 16].tolist() == [0, 0, 1, 0, 0, 0] + [0, 0, 0, 0, 1]  # blue cross, left box
+    assert one_hot[:, 32, 48].tolist() == [1, 0, 0, 0, 0, 0] + [0, 1, 0, 0, 0]  # red square, right box
+
+
+def test_min_gap_keeps_sampled_boxes_apart():
+    torch.manual_seed(0)
+    config = LayoutConfig(**{**TINY_LAYOUT, "grid": 16, "radius_range": (2.0, 8.0)}, min_gap=3.0)
+    layout = LayoutModel(16, config)
+    with torch.no_grad():
+        layout.presence.bias.fill_(10.0)  # both slots present
+        slots = layout.read(torch.randn(64, 5, 16), torch.ones(64, 5, dtype=torch.bool))
+    boxes, present = layout.sample(slots, layout_generators(range(64)))
+    assert present.all()
+    gap = (boxes[:, 0, :2] - boxes[:, 1, :2]).norm(dim=-1) - boxes[:, 0, 2] - boxes[:, 1, 2]
+    assert (gap >= 3.0).all()
+    free, _ = LayoutModel(16, dataclasses.replace(config, min_gap=None)).sample(slots, layout_generators(range(64)))
+    # without the constraint an untrained layout lets boxes touch
+    free_gap = (free[:, 0, :2] - free[:, 1, :2]).norm(dim=-1) - free[:, 0, 2] - free[:, 1, 2]
+    assert (free_gap < 3.0).any()

@@ -53,6 +53,10 @@ class TextToImageModel(WithTextEncoder):
     def layout_slots(self) -> int:
         return self.layout.config.slots if self.layout is not None else 0
 
+    @property
+    def layout_labels(self) -> dict[str, list[str]]:
+        return self.layout.config.labels if self.layout is not None else {}
+
     def layout_maps(self, tokens, mask, sizes: Sequence[int], batch: dict | None = None,
                     seeds: Sequence[int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Layout maps (B, C, s, s) for each s in `sizes`, and the layout's NLL: in training
@@ -65,12 +69,13 @@ class TextToImageModel(WithTextEncoder):
             if "layout" not in batch:
                 raise ValueError("this generator has a layout stage and trains on object boxes, but the batch has "
                                  "none: collate with GenerationCollate(layout_slots=model.layout_slots)")
-            boxes, present = batch["layout"]
-            nll = self.layout.loss(slots, boxes, present)
+            boxes, present, *labels = batch["layout"]
+            labels = labels[0] if labels else None
+            nll = self.layout.loss(slots, boxes, present, labels)
         else:
             boxes, present = self.layout.sample(slots, layout_generators(seeds))
-            nll = None
-        return [self.layout.paint(slots, boxes, present, s) for s in sizes], nll
+            nll, labels = None, self.layout.predict_labels(slots)
+        return [self.layout.paint(slots, boxes, present, s, labels) for s in sizes], nll
 
     @staticmethod
     def noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch.Tensor:
@@ -81,16 +86,17 @@ class TextToImageModel(WithTextEncoder):
 class GenerationCollate:
     """(image, captions, record) items -> {"images", "texts"}; a random reference per image
     (Python's RNG, restored on resume) so the model learns every paraphrase. With
-    `layout_slots` > 0 also "layout": the true boxes of the records' objects."""
+    `layout_slots` > 0 also "layout": the true boxes of the records' objects (and their
+    `layout_labels`)."""
 
-    def __init__(self, choice: str = "random", layout_slots: int = 0):
+    def __init__(self, choice: str = "random", layout_slots: int = 0, layout_labels: dict | None = None):
         if choice not in ("first", "random"):
             raise ValueError(f"caption choice {choice!r} is not one of ('first', 'random')")
-        self.choice, self.layout_slots = choice, layout_slots
+        self.choice, self.layout_slots, self.layout_labels = choice, layout_slots, layout_labels or {}
 
     def __call__(self, items: list) -> dict:
         texts = [caps[0] if self.choice == "first" else random.choice(caps) for _, caps, _ in items]
         batch = {"images": torch.stack([it[0] for it in items]), "texts": texts}
         if self.layout_slots:
-            batch["layout"] = layout_targets([it[2] for it in items], self.layout_slots)
+            batch["layout"] = layout_targets([it[2] for it in items], self.layout_slots, self.layout_labels)
         return batch

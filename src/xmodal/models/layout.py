@@ -16,15 +16,24 @@ half-extent); the image generator sees the layout as a feature map, as GLIGEN
   (`radius_bins` bins), then the centre on a `grid` x `grid` lattice given that extent and
   the earlier slots' boxes; a position inside the chosen bin is uniform. Presence of each
   slot is a Bernoulli. Trained by maximum likelihood with the true boxes fed back.
+- Labels (optional, `labels = {key = [values]}`): each slot also classifies its object's
+  attributes (e.g. colour and shape, supervised by the same annotations), and the map paints
+  them one-hot inside the box, as Layout2Im and LostGAN give every box its object's class
+  (https://arxiv.org/abs/1811.11389, https://arxiv.org/abs/1902.10717): the image generator
+  then reads *what* goes in a box from the box itself, so two objects' attributes cannot swap
+  or leak into each other. Training paints the true labels; generation the predicted ones.
 - Map: `paint()` rasterises the slots at any size: inside slot k's box, its projected
-  features plus the box-relative coordinates (u, v) and the box mask. Differences from the
-  papers: boxes are squares (centre and half-extent), as the Shapes world's objects are.
+  features, its labels, the box-relative coordinates (u, v) and the box mask. Differences from
+  the papers: boxes are squares (centre and half-extent), as the Shapes world's objects are.
+- `min_gap` (optional): sampling never places a box closer to an earlier one than the sum of
+  their half-extents plus the gap, as the Shapes world places its objects (touching objects of
+  one colour would read as one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +55,16 @@ class LayoutConfig:
     feature_dim: int = 32  # channels each slot paints into its box
     weight: float = 0.1  # of the layout's negative log-likelihood in the generator's loss
     temperature: float = 1.0  # sampling: < 1 draws boxes from the likelier part of the learned distribution
+    labels: dict[str, list[str]] = field(default_factory=dict)  # object attribute -> its values (one-hot in the map)
+    min_gap: float | None = None  # sampling: least distance between two boxes' edges (64-px units); None: any
 
     @property
-    def channels(self) -> int:  # of the painted map: features, u, v, mask
-        return self.feature_dim + 3
+    def label_channels(self) -> int:
+        return sum(len(values) for values in self.labels.values())
+
+    @property
+    def channels(self) -> int:  # of the painted map: features, labels, u, v, mask
+        return self.feature_dim + self.label_channels + 3
 
 
 @dataclass
@@ -61,9 +76,12 @@ class Layout:
     slots: torch.Tensor
 
 
-def layout_targets(records: Sequence[dict], slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """True boxes of records with object annotations, in reading order -> (boxes (B, K, 3), present (B, K))."""
+def layout_targets(records: Sequence[dict], slots: int, labels: dict[str, list[str]] | None = None) -> tuple:
+    """True boxes of records with object annotations, in reading order -> (boxes (B, K, 3), present (B, K)),
+    and with `labels` also the objects' label indices (B, K, len(labels)) (absent slots: 0)."""
+    labels = labels or {}
     boxes, present = torch.zeros(len(records), slots, 3), torch.zeros(len(records), slots, dtype=torch.bool)
+    label_ids = torch.zeros(len(records), slots, len(labels), dtype=torch.long)
     for i, record in enumerate(records):
         objects = (record.get("scene") or {}).get("objects")
         if not objects:
@@ -74,7 +92,11 @@ def layout_targets(records: Sequence[dict], slots: int) -> tuple[torch.Tensor, t
         for k, o in enumerate(reading_order(objects)):
             boxes[i, k] = torch.tensor([o["cx"], o["cy"], o["r"]], dtype=torch.float32)
             present[i, k] = True
-    return boxes, present
+            for j, (key, values) in enumerate(labels.items()):
+                if o.get(key) not in values:
+                    raise ValueError(f"an object's {key} is {o.get(key)!r}, not one of the layout's labels {values}")
+                label_ids[i, k, j] = values.index(o[key])
+    return (boxes, present, label_ids) if labels else (boxes, present)
 
 
 def reading_order(objects: Sequence[dict]) -> list[dict]:
@@ -105,6 +127,7 @@ class LayoutModel(nn.Module):
         self.radius_embedding = nn.Embedding(c.radius_bins, c.dim)
         self.centre_head = nn.Sequential(nn.Linear(c.dim, 256), nn.SiLU(), nn.Linear(256, c.grid * c.grid))
         self.to_features = nn.Linear(c.dim, c.feature_dim)
+        self.label_heads = nn.ModuleList(nn.Linear(c.dim, len(values)) for values in c.labels.values())
 
     # ------------------------------------------------------------------ reading the text
     def read(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -132,10 +155,16 @@ class LayoutModel(nn.Module):
             h = h + placed.sum(1)
         return h
 
-    def loss(self, slots: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood of the true layout, per object (presence, extent, centre)."""
+    def loss(self, slots: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Negative log-likelihood of the true layout, per object (presence, extent, centre, labels)."""
         present_f = present.float()
         nll = F.binary_cross_entropy_with_logits(self.presence(slots).squeeze(-1), present_f, reduction="sum")
+        for j, head in enumerate(self.label_heads):
+            if labels is None:
+                raise ValueError("this layout stage has labels; pass the objects' label indices")
+            logits = head(slots).flatten(0, 1)  # (B*K, V)
+            nll = nll + (F.cross_entropy(logits, labels[..., j].flatten(), reduction="none") * present_f.flatten()).sum()
         r_bin, xy_bin = self._bins(boxes)
         for k in range(self.config.slots):
             h = self._context(slots, boxes, present, k)
@@ -160,6 +189,8 @@ class LayoutModel(nn.Module):
             r_bin = torch.stack([torch.multinomial(r_probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
             xy_logits = self.centre_head(h + self.radius_embedding(r_bin.to(slots.device)))
             xy_probs = F.softmax(xy_logits.float() / c.temperature, -1).cpu()  # (B, G*G)
+            if k and c.min_gap is not None:
+                xy_probs = self._keep_apart(xy_probs, boxes[:, :k].cpu(), present[:, :k].cpu(), r_bin)
             for i, g in enumerate(generators):
                 xy = int(torch.multinomial(xy_probs[i], 1, generator=g))
                 u = torch.rand(4, generator=g)  # presence draw, jitter of r, x, y inside their bins
@@ -170,11 +201,41 @@ class LayoutModel(nn.Module):
                 boxes[i, k] = torch.tensor([x, y, r])
         return boxes, present
 
+    def _keep_apart(self, xy_probs: torch.Tensor, placed: torch.Tensor, placed_present: torch.Tensor,
+                    r_bin: torch.Tensor) -> torch.Tensor:
+        """Zero the centres closer to a placed box than r + r_placed + min_gap (+ a bin's diagonal
+        for the jitter inside a bin); a row with no centre left keeps its distribution."""
+        c = self.config
+        lo, hi = c.radius_range
+        cell = CANVAS / c.grid
+        centres = (torch.arange(c.grid) + 0.5) * cell
+        cy, cx = centres.view(-1, 1).expand(c.grid, c.grid).flatten(), centres.repeat(c.grid)  # (G*G,)
+        r = lo + (r_bin.float() + 1) * (hi - lo) / c.radius_bins  # (B,) upper edge of the bin
+        distance = ((cx[None, None] - placed[..., 0:1]) ** 2 + (cy[None, None] - placed[..., 1:2]) ** 2).sqrt()
+        near = distance < (placed[..., 2:3] + r[:, None, None] + c.min_gap + cell * 2**0.5)  # (B, k, G*G)
+        near = (near & placed_present[..., None]).any(1)
+        kept = xy_probs.masked_fill(near, 0.0)
+        ok = kept.sum(-1, keepdim=True) > 0
+        return torch.where(ok, kept, xy_probs)
+
+    def predict_labels(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """The most likely label of each slot's object, per key -> (B, K, len(labels)), or None."""
+        if not self.label_heads:
+            return None
+        return torch.stack([head(slots).argmax(-1) for head in self.label_heads], -1)
+
     # ------------------------------------------------------------------ painting the map
-    def paint(self, slots: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor, size: int) -> torch.Tensor:
-        """The layout as a (B, feature_dim + 3, size, size) map: in each box its slot's features,
-        the box-relative coordinates u, v in [-1, 1] and the box mask; zero elsewhere."""
+    def paint(self, slots: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor, size: int,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The layout as a (B, channels, size, size) map: in each box its slot's features, its
+        labels one-hot (given, else predicted), the box-relative coordinates u, v in [-1, 1] and
+        the box mask; zero elsewhere."""
         features = self.to_features(slots)  # (B, K, F)
+        if self.label_heads:
+            labels = self.predict_labels(slots) if labels is None else labels
+            one_hot = [F.one_hot(labels[..., j], len(values)).to(features.dtype)
+                       for j, values in enumerate(self.config.labels.values())]
+            features = torch.cat([features, *one_hot], -1)
         return paint_boxes(features, boxes, present, size)
 
 

@@ -198,6 +198,27 @@ def _first_stage(path: str, train_set, count: int = 1000):
     return autoencoder, {"autoencoder": dataclasses.asdict(autoencoder.config), "latent_scale": scale}
 
 
+def _init_autoencoder(model, path: str) -> None:
+    """Copy a trained autoencoder's weights into `model`: the encoder always (a second stage keeps
+    the latent space), the decoder where its layers have the same shapes."""
+    from xmodal.models.hub import load_model
+
+    try:
+        source = load_model(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"[model] init_from {path!r}: {err}") from err
+    if source.registry_name != "autoencoder":
+        raise ConfigError(f"[model] init_from {path!r} holds a {source.registry_name}, not an autoencoder")
+    try:
+        model.encoder.load_state_dict(source.encoder.state_dict())
+    except RuntimeError as err:
+        raise ConfigError(f"[model] init_from {path!r}: its encoder differs from this config's "
+                          f"(latent_channels and channels must match)") from err
+    mine = model.decoder.state_dict()
+    mine.update({k: v for k, v in source.decoder.state_dict().items() if k in mine and mine[k].shape == v.shape})
+    model.decoder.load_state_dict(mine)
+
+
 def _train_autoencoder(config: dict, config_path: Path, overrides: list[str], resume: bool, model_cls) -> dict:
     from xmodal.models.generation import GenerationCollate
     from xmodal.models.registry import make_config
@@ -205,8 +226,12 @@ def _train_autoencoder(config: dict, config_path: Path, overrides: list[str], re
     data = build_dataclass(CaptionDataConfig, config.get("data", {}), "data")
     train_cfg = build_dataclass(TrainConfig, config.get("train", {}), "train")
     train_set, eval_set = _caption_data(data, "shapes64")
+    values = {k: v for k, v in config["model"].items() if k != "name"}
+    init_from = values.pop("init_from", None)  # a trained autoencoder to start from (a second stage)
     torch.manual_seed(train_cfg.seed)
-    model = model_cls(make_config(model_cls, {k: v for k, v in config["model"].items() if k != "name"}))
+    model = model_cls(make_config(model_cls, values))
+    if init_from is not None:
+        _init_autoencoder(model, init_from)
 
     def evaluate(m):
         images = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
@@ -254,7 +279,8 @@ def _train_generator(config: dict, config_path: Path, overrides: list[str], resu
         evaluate = (lambda m: retrieval_quality(m, eval_set)) if eval_set is not None else None
     else:
         evaluate = (lambda m: generator_quality(m, prompts, truths)) if prompts else None
-    collate = GenerationCollate(data.captions, layout_slots=getattr(model, "layout_slots", 0))
+    collate = GenerationCollate(data.captions, layout_slots=getattr(model, "layout_slots", 0),
+                                layout_labels=getattr(model, "layout_labels", {}))
     trainer = Trainer(model, train_set, train_cfg, collate_fn=collate, evaluate=evaluate)
     return _run(trainer, resume, evaluate, config_path, overrides, data)
 
