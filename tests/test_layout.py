@@ -65,6 +65,17 @@ def test_paint_fills_the_box_and_nothing_else():
     assert torch.isfinite(grid).all()
 
 
+def _overfit(layout, encoder, batch, opt, steps):
+    """Train the layout (and text encoder) on one batch; the last loss."""
+    for _ in range(steps):
+        tokens, mask, _ = encoder.encode(batch["texts"])
+        loss = layout.loss(layout.read(tokens, mask), *batch["layout"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss
+
+
 def test_layout_learns_boxes_and_samples_per_seed(data):
     captions, batch, _ = data
     encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
@@ -74,12 +85,7 @@ def test_layout_learns_boxes_and_samples_per_seed(data):
     opt = torch.optim.Adam(params, lr=3e-3)
     tokens, mask, _ = encoder.encode(batch["texts"])
     first = layout.loss(layout.read(tokens, mask), *batch["layout"]).item()
-    for _ in range(60):
-        tokens, mask, _ = encoder.encode(batch["texts"])
-        loss = layout.loss(layout.read(tokens, mask), *batch["layout"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss = _overfit(layout, encoder, batch, opt, 60)
     assert loss.item() < 0.5 * first
     slots = layout.read(*encoder.encode(batch["texts"])[:2])
     boxes, present = layout.sample(slots, layout_generators(range(8)))
@@ -144,12 +150,7 @@ def test_labelled_layout_learns_labels_and_paints_them_one_hot(data):
     batch = GenerationCollate(layout_slots=2, layout_labels=LABELS)(items)
     layout = LayoutModel(16, LayoutConfig(**TINY_LAYOUT, labels=LABELS))
     opt = torch.optim.Adam(list(layout.parameters()) + list(encoder.parameters()), lr=3e-3)
-    for _ in range(150):
-        tokens, mask, _ = encoder.encode(batch["texts"])
-        loss = layout.loss(layout.read(tokens, mask), *batch["layout"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _overfit(layout, encoder, batch, opt, 150)
     slots = layout.read(*encoder.encode(batch["texts"])[:2])
     _, present, labels = batch["layout"]
     assert torch.equal(layout.predict_labels(slots)[present], labels[present])  # overfit: every label read

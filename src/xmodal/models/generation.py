@@ -74,7 +74,7 @@ class TextToImageModel(WithTextEncoder):
             nll = self.layout.loss(slots, boxes, present, labels)
         else:
             boxes, present = self.layout.sample(slots, layout_generators(seeds))
-            nll, labels = None, self.layout.predict_labels(slots)
+            nll, labels = None, None  # paint() predicts the labels
         return [self.layout.paint(slots, boxes, present, s, labels) for s in sizes], nll
 
     @staticmethod

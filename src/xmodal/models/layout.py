@@ -160,9 +160,9 @@ class LayoutModel(nn.Module):
         """Negative log-likelihood of the true layout, per object (presence, extent, centre, labels)."""
         present_f = present.float()
         nll = F.binary_cross_entropy_with_logits(self.presence(slots).squeeze(-1), present_f, reduction="sum")
+        if self.label_heads and labels is None:
+            raise ValueError("this layout stage has labels; pass the objects' label indices")
         for j, head in enumerate(self.label_heads):
-            if labels is None:
-                raise ValueError("this layout stage has labels; pass the objects' label indices")
             logits = head(slots).flatten(0, 1)  # (B*K, V)
             nll = nll + (F.cross_entropy(logits, labels[..., j].flatten(), reduction="none") * present_f.flatten()).sum()
         r_bin, xy_bin = self._bins(boxes)

@@ -187,28 +187,30 @@ def _first_stage(path: str, train_set, count: int = 1000):
     """Load a trained autoencoder and measure the std of its latents (to scale them to unit variance)."""
     import dataclasses
 
-    from xmodal.models.hub import load_model
-
-    autoencoder = load_model(path)
-    if autoencoder.registry_name != "autoencoder":
-        raise ConfigError(f"[model] autoencoder_path {path!r} holds a {autoencoder.registry_name}, not an autoencoder")
+    autoencoder = _load_autoencoder(path, "autoencoder_path")
     images = torch.stack([train_set[i][0] for i in range(min(count, len(train_set)))])
     with torch.no_grad():
         scale = float(autoencoder.encode(images).std())
     return autoencoder, {"autoencoder": dataclasses.asdict(autoencoder.config), "latent_scale": scale}
 
 
-def _init_autoencoder(model, path: str) -> None:
-    """Copy a trained autoencoder's weights into `model`: the encoder always (a second stage keeps
-    the latent space), the decoder where its layers have the same shapes."""
+def _load_autoencoder(path: str, key: str):
+    """The trained autoencoder that `[model] key` names, or a ConfigError saying why not."""
     from xmodal.models.hub import load_model
 
     try:
-        source = load_model(path)
+        autoencoder = load_model(path)
     except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"[model] init_from {path!r}: {err}") from err
-    if source.registry_name != "autoencoder":
-        raise ConfigError(f"[model] init_from {path!r} holds a {source.registry_name}, not an autoencoder")
+        raise ConfigError(f"[model] {key} {path!r}: {err}") from err
+    if autoencoder.registry_name != "autoencoder":
+        raise ConfigError(f"[model] {key} {path!r} holds a {autoencoder.registry_name}, not an autoencoder")
+    return autoencoder
+
+
+def _init_autoencoder(model, path: str) -> None:
+    """Copy a trained autoencoder's weights into `model`: the encoder always (a second stage keeps
+    the latent space), the decoder where its layers have the same shapes."""
+    source = _load_autoencoder(path, "init_from")
     try:
         model.encoder.load_state_dict(source.encoder.state_dict())
     except RuntimeError as err:
