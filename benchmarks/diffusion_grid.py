@@ -3,7 +3,7 @@
     python benchmarks/diffusion_grid.py [--model shapes-diffusion] [--count 200] [--bf16]
         [--split test novel] [--steps 5 10 20] [--guidance 1 3 5]
 
-Scene accuracy of one image per fresh prompt (canonical), read by the captioner (cycle) and
+Scene accuracy of one image per fresh prompt (canonical), read by each captioner (cycle) and
 by the pixel judge, for each (steps, guidance) and split; images/s at batch 256 (the time to
 generate the split's images, so it includes everything `xmodal generate` does).
 """
@@ -26,7 +26,7 @@ from xmodal.worlds.shapes import Scene
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="shapes-diffusion")
-    parser.add_argument("--captioner", default="shapes-captioner")
+    parser.add_argument("--captioner", nargs="+", default=["shapes-captioner", "shapes-captioner-transformer"])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0])
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--split", nargs="+", default=["test"], choices=["test", "novel"])
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for generation")
     args = parser.parse_args()
-    pipe, captioner = xmodal.load(args.model), xmodal.load(args.captioner)
+    pipe, captioners = xmodal.load(args.model), {name: xmodal.load(name) for name in args.captioner}
     rows = []
     for split in args.split:
         data = ShapesDataset(split, args.count, seed=93)
@@ -48,9 +48,10 @@ def main() -> None:
                     images = [np.asarray(im) for im in pipe(prompts, seed=0, batch_size=256, steps=steps,
                                                                guidance=guidance, sampler=args.sampler)]
                 rate = len(images) / (time.perf_counter() - start)
-                cycle = scene_accuracy(truths, captioner_reader(captioner)(images))["scene_accuracy"]
+                cycle = {f"cycle/{name}": round(scene_accuracy(truths, captioner_reader(c)(images))["scene_accuracy"], 4)
+                         for name, c in captioners.items()}
                 judge = scene_accuracy(truths, judge_reader(images))["scene_accuracy"]
-                rows.append({"split": split, "steps": steps, "guidance": guidance, "cycle": round(cycle, 4),
+                rows.append({"split": split, "steps": steps, "guidance": guidance, **cycle,
                              "judge": round(judge, 4), "images_per_s": round(rate, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"model": args.model, "captioner": args.captioner, "sampler": args.sampler, "count": args.count,

@@ -1,11 +1,12 @@
 """Text-to-image quality and speed on fresh Shapes prompts (WORLD.md's scene accuracy).
 
-    python benchmarks/generator.py --model shapes-gan [--captioner shapes-captioner] [--count 500]
+    python benchmarks/generator.py --model shapes-gan [--captioner NAME ...] [--count 500]
         [--steps 10 --guidance 3 --sampler dpm]   (diffusion models)
 
 For `test` and `novel` scenes from seeds never used in training, one image per prompt,
 with canonical prompts and with a paraphrase of each (the first non-canonical reference).
-Each image is read twice: by the project's captioner (the cycle measure) and by the
+Each image is read by each of the project's captioners (the cycle measure: by default both the
+LSTM `shapes-captioner` and `shapes-captioner-transformer`, on the same images) and by the
 independent pixel judge. Speed: images per second in batches of 64 and 256.
 For a model with a layout stage, also how often its drawn boxes alone are right
 (`layout`: object count, each box's size class, and the relation of the two boxes).
@@ -49,7 +50,7 @@ def layout_accuracy(model, prompts: list[str], truths: list, seed: int = 5000) -
     return {k: round(v / len(prompts), 4) for k, v in hits.items()}
 
 
-def evaluate(pipe, captioner, split: str, count: int, options: dict) -> dict:
+def evaluate(pipe, captioners: dict, split: str, count: int, options: dict) -> dict:
     data = ShapesDataset(split, count, seed=91)
     records = [data.item(i)[0] for i in range(count)]
     truths = [Scene.from_dict(r["scene"]).spec for r in records]
@@ -60,8 +61,9 @@ def evaluate(pipe, captioner, split: str, count: int, options: dict) -> dict:
     for style, pick in (("canonical", 0), ("paraphrase", 1)):
         prompts = [r["captions"][pick] for r in records]
         images = [np.asarray(im) for im in pipe(prompts, n=1, seed=5000, batch_size=128, **options)]
-        out[style] = {"cycle": _round(scene_accuracy(truths, captioner_reader(captioner)(images))),
-                      "judge": _round(scene_accuracy(truths, judge_reader(images)))}
+        out[style] = {f"cycle/{name}": _round(scene_accuracy(truths, captioner_reader(captioner)(images)))
+                      for name, captioner in captioners.items()}
+        out[style]["judge"] = _round(scene_accuracy(truths, judge_reader(images)))
     return out
 
 
@@ -83,7 +85,8 @@ def speed(pipe, options: dict, batch: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="shapes-gan")
-    parser.add_argument("--captioner", default="shapes-captioner")
+    parser.add_argument("--captioner", nargs="+", default=["shapes-captioner", "shapes-captioner-transformer"],
+                        help="the captioners that read the images back (cycle)")
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
@@ -92,7 +95,7 @@ def main() -> None:
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
     args = parser.parse_args()
-    pipe, captioner = xmodal.load(args.model), xmodal.load(args.captioner)
+    pipe, captioners = xmodal.load(args.model), {name: xmodal.load(name) for name in args.captioner}
     options = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("sampler", args.sampler)) if v is not None}
     result = {"model": args.model, "registry": pipe.model.registry_name, "parameters": pipe.model.num_parameters(),
               "text_encoder": pipe.model.config.text_encoder.get("kind"), "options": options, "bf16": args.bf16,
@@ -100,7 +103,7 @@ def main() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         if not args.no_quality:
             for split in ("test", "novel"):
-                result[split] = evaluate(pipe, captioner, split, args.count, options)
+                result[split] = evaluate(pipe, captioners, split, args.count, options)
         if not args.no_speed:
             result["images_per_s"] = {f"batch{b}": speed(pipe, options, b) for b in (64, 256)}
     print(json.dumps(result))

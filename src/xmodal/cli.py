@@ -43,6 +43,10 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 DEFAULT_GENERATOR = "shapes-diffusion"
+DEFAULT_CAPTIONER = "shapes-captioner"
+# What reads generated images back when a generator is measured: the captioner that reads real
+# images best (exact match 100% test, 99.8% novel, against the LSTM's 99.5% / 90.6%).
+SCENE_READER = "shapes-captioner-transformer"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -229,14 +233,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                if v is not None}
     common = {"split": args.split, "limit": args.limit}
     if args.what == "captioner":
-        metrics = evaluation.evaluate_captioner(args.model or "shapes-captioner", args.data, args.out, beam=args.beam,
+        metrics = evaluation.evaluate_captioner(args.model or DEFAULT_CAPTIONER, args.data, args.out, beam=args.beam,
                                                 meteor=not args.no_meteor, **common)
     elif args.what == "generator":
         metrics = evaluation.evaluate_generator(args.model or DEFAULT_GENERATOR, args.data, args.out,
-                                                captioner=args.captioner, clip=args.clip, seed=args.seed,
+                                                captioner=args.captioner or SCENE_READER, clip=args.clip, seed=args.seed,
                                                 inception_weights=args.inception_weights, **common, **options)
     else:
-        metrics = evaluation.evaluate_cycle(args.generator, args.captioner, args.data, args.out, seed=args.seed,
+        metrics = evaluation.evaluate_cycle(args.generator, args.captioner or DEFAULT_CAPTIONER, args.data, args.out, seed=args.seed,
                                             **common, **options)
     print(json.dumps(metrics))
     print(f"report: {args.out / 'report.html'}", file=sys.stderr)
@@ -306,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     caption = sub.add_parser("caption", help="describe images")
     caption.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    caption.add_argument("--model", default="shapes-captioner", help="bundled model name or model folder")
+    caption.add_argument("--model", default=DEFAULT_CAPTIONER, help="bundled model name or model folder")
     caption.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
     caption.add_argument("--max-len", type=int, default=0, help="words at most (default: the model's)")
     caption.add_argument("--min-len", type=int, default=0, help="words before the caption may end")
@@ -332,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate pictures from sample prompts and caption them back")
     demo.add_argument("--generator", default=DEFAULT_GENERATOR)
-    demo.add_argument("--captioner", default="shapes-captioner")
+    demo.add_argument("--captioner", default=DEFAULT_CAPTIONER)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", "-o", type=Path, default=Path("out/demo"))
 
@@ -340,13 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--generator", default=DEFAULT_GENERATOR)
-    srv.add_argument("--captioner", default="shapes-captioner")
+    srv.add_argument("--captioner", default=DEFAULT_CAPTIONER)
 
     ev = sub.add_parser("evaluate", help="measure a model; writes metrics.json and report.html")
     ev.add_argument("what", choices=["captioner", "generator", "cycle"])
     ev.add_argument("--model", help="the model to evaluate (captioner or generator)")
     ev.add_argument("--generator", default=DEFAULT_GENERATOR, help="cycle: the generator")
-    ev.add_argument("--captioner", default="shapes-captioner", help="the captioner (cycle, and generator scene accuracy)")
+    ev.add_argument("--captioner", help=f"cycle: the captioner ({DEFAULT_CAPTIONER}); generator: what reads the "
+                    f"images back for scene accuracy ({SCENE_READER})")
     ev.add_argument("--clip", default="shapes-clip", help="dual encoder for FID/KID features, CLIPScore, R-precision")
     ev.add_argument("--data", type=Path, required=True, help="a prepared data set")
     ev.add_argument("--split", help="only records of this split")

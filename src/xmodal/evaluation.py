@@ -153,7 +153,7 @@ def fid_kid(real: list[np.ndarray], fake: list[np.ndarray], extractor: torch.nn.
     return result
 
 
-def evaluate_generator(model: str, data: str | Path, out: str | Path, captioner: str = "shapes-captioner",
+def evaluate_generator(model: str, data: str | Path, out: str | Path, captioner: str = "shapes-captioner-transformer",
                        clip: str = "shapes-clip", split: str | None = None, limit: int = 1000, seed: int = 0,
                        inception_weights: str | None = None, samples: int = 24, **options) -> dict:
     import xmodal
