@@ -153,7 +153,12 @@ def fid_kid(real: list[np.ndarray], fake: list[np.ndarray], extractor: torch.nn.
     return result
 
 
-def evaluate_generator(model: str, data: str | Path, out: str | Path, captioner: str = "shapes-captioner-transformer",
+# What reads generated images back when a generator is measured: the captioner that reads real
+# images best (exact match 100% test, 99.8% novel, against the LSTM's 99.5% / 90.6%).
+SCENE_READER = "shapes-captioner-transformer"
+
+
+def evaluate_generator(model: str, data: str | Path, out: str | Path, captioner: str | None = None,
                        clip: str = "shapes-clip", split: str | None = None, limit: int = 1000, seed: int = 0,
                        inception_weights: str | None = None, samples: int = 24, **options) -> dict:
     import xmodal
@@ -180,7 +185,7 @@ def evaluate_generator(model: str, data: str | Path, out: str | Path, captioner:
         metrics["r_precision"] = r_precision(image_emb, text_emb, candidates=100, seed=seed)
     scenes = _scenes(records)
     if scenes is not None:
-        cycle = scene_accuracy(scenes, captioner_reader(xmodal.load(captioner))(generated))
+        cycle = scene_accuracy(scenes, captioner_reader(xmodal.load(captioner or SCENE_READER))(generated))
         judge = scene_accuracy(scenes, judge_reader(generated))
         metrics.update({f"cycle_{k}": v for k, v in cycle.items()})
         metrics.update({f"judge_{k}": v for k, v in judge.items()})
