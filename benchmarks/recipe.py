@@ -1,6 +1,6 @@
 """Time a bundled model's training recipe end to end: its configs in order, each `xmodal train`.
 
-    python benchmarks/recipe.py [--recipe shapes-diffusion] [--root runs/recipe]
+    python benchmarks/recipe.py [--recipe shapes-diffusion] [--root runs/recipe]   (--root must not exist)
 
 Every path under `runs/` in the configs (out_dir, init_from, autoencoder_path) is moved under
 --root, so the stages chain onto each other and nothing already trained is touched or reused.
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--root", default="runs/recipe", help="where the stages' runs go")
     args = parser.parse_args()
     root = Path(args.root)
+    if root.exists():  # the configs resume from checkpoints there, and the time would not be the recipe's
+        sys.exit(f"{root} already exists: give a new --root (or delete it) to time the recipe from scratch")
     stages, total = [], 0.0
     for path in RECIPES[args.recipe]:
         config = tomllib.loads(Path(path).read_text())
