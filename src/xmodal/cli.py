@@ -237,8 +237,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                                 captioner=args.captioner, clip=args.clip, seed=args.seed,
                                                 inception_weights=args.inception_weights, **common, **options)
     else:
-        metrics = evaluation.evaluate_cycle(args.generator, args.captioner or DEFAULT_CAPTIONER, args.data, args.out, seed=args.seed,
-                                            **common, **options)
+        metrics = evaluation.evaluate_cycle(args.generator, args.captioner or DEFAULT_CAPTIONER, args.data, args.out,
+                                            seed=args.seed, **common, **options)
     print(json.dumps(metrics))
     print(f"report: {args.out / 'report.html'}", file=sys.stderr)
     return 0
