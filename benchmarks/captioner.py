@@ -19,26 +19,19 @@ import torch
 
 import xmodal
 from xmodal.data.shapes import ShapesDataset
-from xmodal.metrics.captions import caption_scores, exact_match
-from xmodal.worlds.shapes import Scene
+from xmodal.tasks import captioning
+from xmodal.tasks.data import stored_images
+from xmodal.tasks.records import scene_specs
+from xmodal.worlds.shapes import parse
 
 
 def quality(pipe, split: str, count: int, beam: int) -> dict:
     data = ShapesDataset(split, count, seed=77, cache=True)
-    images = [data.item(i)[1] for i in range(count)]
-    records = [data.item(i)[0] for i in range(count)]
-    captions = pipe(images, method="beam" if beam > 1 else "greedy", beam_size=beam, batch_size=256)
-    scores = caption_scores(captions, [r["captions"] for r in records], meteor=False)
-    scenes = [Scene.from_dict(r["scene"]).spec for r in records]
-    wrong = [(c, r["captions"][0]) for c, r, s in zip(captions, records, scenes) if xmodal_parse(c) != s][:5]
-    return {"exact_match": round(exact_match(captions, scenes), 4), "bleu4": round(scores["bleu4"], 4),
-            "cider_d": round(scores["cider_d"], 4), "rouge_l": round(scores["rouge_l"], 4), "examples_wrong": wrong}
-
-
-def xmodal_parse(text):
-    from xmodal.worlds.shapes import parse
-
-    return parse(text)
+    records = data.records
+    metrics = captioning.measure(pipe, records, stored_images(data), beam=beam, batch_size=256)
+    captions = metrics["captions"]
+    wrong = [(c, r["captions"][0]) for c, r, s in zip(captions, records, scene_specs(records)) if parse(c) != s][:5]
+    return {**{k: round(metrics[k], 4) for k in ("exact_match", "bleu4", "cider_d", "rouge_l")}, "examples_wrong": wrong}
 
 
 def speed(pipe, beam: int, batch: int = 256, repeats: int = 3) -> dict:

@@ -19,18 +19,16 @@ import argparse
 import json
 import time
 
-import torch
-
+import xmodal
 from xmodal.data.shapes import ShapesDataset
-from xmodal.metrics.retrieval import recall_at_k
-from xmodal.models.hub import load_model
-from xmodal.worlds.shapes import Scene
+from xmodal.tasks import alignment
+from xmodal.tasks.records import scene_specs
 
 
 def pools(split: str, count: int, distinct: bool):
     """(data set, scene of each item, `count` pools of 100 indices into the data set)."""
     data = ShapesDataset(split, 100 * count * (3 if distinct else 1), seed=95)
-    keys = [Scene.from_dict(data.item(i)[0]["scene"]).spec for i in range(len(data))]
+    keys = scene_specs(data.records)
     if not distinct:
         return data, keys, [list(range(p * 100, p * 100 + 100)) for p in range(count)]
     out, pool, seen = [], [], set()
@@ -51,7 +49,7 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-clip")
     parser.add_argument("--pools", type=int, default=5)
     args = parser.parse_args()
-    model = load_model(args.model)
+    pipe = xmodal.load(args.model)
     result = {"model": args.model, "pool": 100, "pools": args.pools}
     for split in ("test", "novel"):
         for kind in ("distinct", "random"):
@@ -59,10 +57,8 @@ def main() -> None:
             scores, ceilings = [], []
             start = time.perf_counter()
             for idx in groups:
-                images = torch.stack([data[i][0] for i in idx])
-                texts = [data[i][1][0] for i in idx]
-                with torch.no_grad():
-                    scores.append(recall_at_k(model.encode_image(images) @ model.encode_text(texts).t(), 1))
+                records = [data.item(i)[0] for i in idx]
+                scores.append(alignment.measure(pipe, records, [data.image(i) for i in idx]))
                 ceilings.append(sum(1 / sum(keys[j] == keys[i] for j in idx) for i in idx) / len(idx))
             entry = {k: round(sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
             entry["ceiling"] = round(sum(ceilings) / len(ceilings), 4)

@@ -14,13 +14,14 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 import xmodal
 from xmodal.data.shapes import ShapesDataset
-from xmodal.metrics.scenes import captioner_reader, judge_reader, scene_accuracy
-from xmodal.worlds.shapes import Scene
+from xmodal.metrics.scenes import judge_reader
+from xmodal.models.base import GenerateOptions
+from xmodal.tasks import text_to_image
+from xmodal.tasks.records import prompts as record_prompts
 
 
 def main() -> None:
@@ -34,25 +35,23 @@ def main() -> None:
     parser.add_argument("--split", nargs="+", default=["test"], choices=["test", "novel"])
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for generation")
     args = parser.parse_args()
-    pipe, captioners = xmodal.load(args.model), {name: xmodal.load(name) for name in args.captioner}
+    pipe = xmodal.load(args.model)
+    readers = {f"cycle/{name}": text_to_image.reader(xmodal.load(name)) for name in args.captioner}
+    readers["judge"] = judge_reader
     rows = []
     for split in args.split:
-        data = ShapesDataset(split, args.count, seed=93)
-        records = [data.item(i)[0] for i in range(args.count)]
-        prompts = [r["captions"][0] for r in records]
-        truths = [Scene.from_dict(r["scene"]).spec for r in records]
+        records = ShapesDataset(split, args.count, seed=93).records
         for steps in args.steps:
             for guidance in args.guidance:
+                options = pipe.options(GenerateOptions(steps=steps, guidance=guidance, sampler=args.sampler))
                 start = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                    images = [np.asarray(im) for im in pipe(prompts, seed=0, batch_size=256, steps=steps,
-                                                               guidance=guidance, sampler=args.sampler)]
+                    images = text_to_image.draw(pipe, record_prompts(records), seed=0, batch_size=256, options=options)
                 rate = len(images) / (time.perf_counter() - start)
-                cycle = {f"cycle/{name}": round(scene_accuracy(truths, captioner_reader(c)(images))["scene_accuracy"], 4)
-                         for name, c in captioners.items()}
-                judge = scene_accuracy(truths, judge_reader(images))["scene_accuracy"]
-                rows.append({"split": split, "steps": steps, "guidance": guidance, **cycle,
-                             "judge": round(judge, 4), "images_per_s": round(rate, 1)})
+                scores = text_to_image.score(images, records, readers)
+                rows.append({"split": split, "steps": steps, "guidance": guidance,
+                             **{name: round(scores[f"{name}_scene_accuracy"], 4) for name in readers},
+                             "images_per_s": round(rate, 1)})
                 print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"model": args.model, "captioner": args.captioner, "sampler": args.sampler, "count": args.count,
                       "bf16": args.bf16, "threads": torch.get_num_threads(), "grid": rows}))

@@ -7,10 +7,10 @@ from PIL import Image
 
 import xmodal
 from xmodal.cli import main
+from xmodal.data.collate import CaptionCollate
 from xmodal.data.shapes import ShapesDataset
 from xmodal.data.text import Vocabulary
 from xmodal.metrics.captions import caption_scores, exact_match
-from xmodal.models.captioning import CaptionCollate
 from xmodal.models.decoding import DecodeOptions, decode
 from xmodal.models.hub import ModelLoadError, load_model
 from xmodal.models.image_encoders import ResNetEncoder, SmallCNN
@@ -34,8 +34,7 @@ def shapes_batch():
 
 def tiny(name, vocab, **kw):
     torch.manual_seed(0)
-    model = create_model(name, vocab_size=len(vocab), **TINY[name], **kw)
-    model.vocab = vocab
+    model = create_model(name, vocab=vocab, **TINY[name], **kw)
     return model
 
 
@@ -43,7 +42,7 @@ def test_registry_lists_both_captioners_and_rejects_unknown():
     assert set(CAPTIONERS) == {"sat-captioner", "transformer-captioner"}
     with pytest.raises(ValueError, match="valid: .*sat-captioner"):
         create_model("no-such-model")
-    with pytest.raises(ValueError, match="unknown config key"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \[.decoder_dimm.\]; valid: .*decoder_dim"):
         create_model("sat-captioner", decoder_dimm=3)
 
 

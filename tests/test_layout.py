@@ -3,18 +3,13 @@ import dataclasses
 import pytest
 import torch
 
+from xmodal.data.boxes import layout_targets
+from xmodal.data.collate import GenerationCollate
 from xmodal.data.shapes import ShapesDataset
-from xmodal.models.generation import GenerationCollate
 from xmodal.models.hub import load_model
-from xmodal.models.layout import (
-    LayoutConfig,
-    LayoutModel,
-    layout_generators,
-    layout_targets,
-    paint_boxes,
-)
+from xmodal.models.layout import LayoutConfig, LayoutModel, layout_generators, paint_boxes
 from xmodal.models.registry import create_model
-from xmodal.models.text_encoders import prepare_text_encoder
+from xmodal.tasks.text_encoders import prepare_text_encoder
 
 TINY_LAYOUT = {"slots": 2, "dim": 16, "heads": 2, "layers": 1, "grid": 8, "radius_bins": 4, "feature_dim": 4}
 LABELS = {"color": ["red", "green", "blue", "yellow", "purple", "orange"],
@@ -105,10 +100,10 @@ def test_generators_with_a_layout_stage(name, labels, data, tmp_path):
     if labels:
         batch = GenerationCollate(layout_slots=2, layout_labels=labels)(items)
     if name in ("cvae", "dfgan"):
-        model = create_model(name, text_encoder=spec, z_dim=4, channels=(16, 8, 8, 4, 4), layout=layout)
+        model = create_model(name, text_encoder=encoder, z_dim=4, channels=(16, 8, 8, 4, 4), layout=layout)
     else:
         ae = create_model("autoencoder", latent_channels=2, channels=(8, 8, 8))
-        model = create_model("latent-diffusion", text_encoder=spec, autoencoder=dataclasses.asdict(ae.config),
+        model = create_model("latent-diffusion", text_encoder=encoder, autoencoder=ae,
                              channels=(8, 16), heads=2, steps=3, layout=layout)
         torch.nn.init.normal_(model.unet.conv_out.weight, std=0.1)
     loss, logs = model.loss(batch)

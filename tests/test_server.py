@@ -17,8 +17,8 @@ from PIL import Image
 from xmodal.data.shapes import ShapesDataset
 from xmodal.data.text import Vocabulary
 from xmodal.models.registry import create_model
-from xmodal.models.text_encoders import prepare_text_encoder
 from xmodal.server import Batcher, create_app
+from xmodal.tasks.text_encoders import prepare_text_encoder
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,11 @@ def model_dirs(tmp_path_factory):
     captions = [c for i in range(8) for c in ds[i][1]]
     encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
     torch.manual_seed(0)
-    gen = create_model("cvae", text_encoder=spec, z_dim=4, channels=(16, 8, 8, 4, 4))
-    gen.text_encoder.load_state_dict(encoder.state_dict())
+    gen = create_model("cvae", text_encoder=encoder, z_dim=4, channels=(16, 8, 8, 4, 4))
     gen.eval().save_pretrained(root / "gen")
     vocab = Vocabulary.build(captions)
-    cap = create_model("sat-captioner", vocab_size=len(vocab), encoder_width=8, encoder_dim=16, embed_dim=8,
+    cap = create_model("sat-captioner", vocab=vocab, encoder_width=8, encoder_dim=16, embed_dim=8,
                        decoder_dim=16, attention_dim=8)
-    cap.vocab = vocab
     cap.eval().save_pretrained(root / "cap")
     return root
 

@@ -8,7 +8,7 @@ import xmodal
 from xmodal.cli import main
 from xmodal.data.shapes import ShapesDataset
 from xmodal.models.registry import create_model
-from xmodal.models.text_encoders import prepare_text_encoder
+from xmodal.tasks.text_encoders import prepare_text_encoder
 
 
 def test_import_is_light():
@@ -46,8 +46,7 @@ def tiny_clip(tmp_path_factory):
     captions = [c for i in range(8) for c in ds[i][1]]
     encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
     torch.manual_seed(0)
-    model = create_model("clip", text_encoder=spec, encoder_width=8, encoder_dim=16, embed_dim=8)
-    model.text_encoder.load_state_dict(encoder.state_dict())
+    model = create_model("clip", text_encoder=encoder, encoder_width=8, encoder_dim=16, embed_dim=8)
     model.eval().save_pretrained(root / "clip")
     return root / "clip"
 
@@ -70,8 +69,7 @@ def test_demo_writes_sheet(tmp_path, capsys):
     captions = [c for i in range(8) for c in ds[i][1]] + ["a large green triangle", "a small purple circle above a large orange square"]
     encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
     torch.manual_seed(0)
-    gen = create_model("cvae", text_encoder=spec, z_dim=4, channels=(16, 8, 8, 4, 4))
-    gen.text_encoder.load_state_dict(encoder.state_dict())
+    gen = create_model("cvae", text_encoder=encoder, z_dim=4, channels=(16, 8, 8, 4, 4))
     gen.eval().save_pretrained(tmp_path / "gen")
     assert main(["demo", "--generator", str(tmp_path / "gen"), "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out

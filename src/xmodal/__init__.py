@@ -9,7 +9,8 @@ Importing xmodal touches no network and no GPU; heavy modules load on first use.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from xmodal._version import __version__
+
 __all__ = ["load", "list_models", "__version__"]
 
 

@@ -1,11 +1,49 @@
-"""The `xmodal` command line: a thin shell that parses, calls the library, and prints."""
+"""The `xmodal` command line: a thin shell that parses, calls the library, and prints.
+
+Each subcommand is a `_cmd_*` function set on its parser with `set_defaults(func=...)`; the
+work happens in pipelines, tasks and the data package.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
+
+DEFAULT_GENERATOR = "shapes-diffusion"
+DEFAULT_CAPTIONER = "shapes-captioner"
+DEMO_PROMPTS = [
+    "a large red circle",
+    "a small blue square above a large yellow triangle",
+    "there is a large green cross to the left of a small purple diamond",
+    "a small orange circle is below a large blue cross",
+    "the image shows a small yellow diamond",
+    "a large purple square to the right of a small red triangle",
+    "a large green triangle",  # a colour-shape pair never seen in training (WORLD.md's novel split)
+    "a small purple circle above a large orange square",  # two unseen pairs
+]
+
+
+def _load(name: str, task: str):
+    from xmodal.models.hub import load_model
+    from xmodal.pipelines import pipeline_for
+
+    return pipeline_for(load_model(name), task)
+
+
+def _options(args: argparse.Namespace):
+    from xmodal.models.base import GenerateOptions
+
+    return GenerateOptions(steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                           negative=getattr(args, "negative", None)).check()
+
+
+def _bar(total: int, desc: str, unit: str, quiet: bool = False):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet or not sys.stderr.isatty())
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -19,14 +57,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from xmodal.data.prepared import ImportReport
 
     report = ImportReport(args.source)
-    if args.source == "coco":
-        items = imp.coco_items(args.annotations, args.images, report, args.split)
-    elif args.source == "karpathy":
-        items = imp.karpathy_items(args.json, args.images, report)
-    elif args.source == "flickr":
-        items = imp.flickr_items(args.token, args.images, report, args.split)
-    else:
-        items = imp.folder_items(args.captions, args.images, report)
+    readers = {"coco": lambda: imp.coco_items(args.annotations, args.images, report, args.split),
+               "karpathy": lambda: imp.karpathy_items(args.json, args.images, report),
+               "flickr": lambda: imp.flickr_items(args.token, args.images, report, args.split),
+               "folder": lambda: imp.folder_items(args.captions, args.images, report)}
+    items = readers[args.source]()
     imp.write_items(items, args.out, report, mode=args.mode, total=len(items))
     print(report.summary(), file=sys.stderr)
     print(json.dumps({"out": str(args.out), "written": report.written,
@@ -34,80 +69,61 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
     from xmodal.training.recipes import run_training
 
-    summary = run_training(args.config, overrides, resume=args.resume)
-    print(json.dumps(summary))
+    print(json.dumps(run_training(args.config, args.overrides, resume=args.resume)))
     return 0
 
 
-DEFAULT_GENERATOR = "shapes-diffusion"
-DEFAULT_CAPTIONER = "shapes-captioner"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def _expand_images(paths: list[Path]) -> list[Path]:
-    """Files as given; folders expand to their image files, sorted."""
-    out = []
-    for p in paths:
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
-        else:
-            out.append(p)
-    return out
-
-
 def _cmd_caption(args: argparse.Namespace) -> int:
-    import xmodal
-    from xmodal.data.images import ImageLoadError, load_image
+    from xmodal.data.files import expand_images
 
-    pipe = xmodal.load(args.model)
-    paths = _expand_images(args.images)
+    pipe = _load(args.model, "image-to-text")
+    paths = expand_images(args.images)
     if not paths:
         raise ValueError("no images to caption (folders held no image files)")
     if args.attention_map and len(paths) != 1:
         raise ValueError("--attention-map draws one image: give exactly one")
     options = {"method": "beam" if args.beam > 1 else "greedy", "beam_size": args.beam}
-    if args.max_len:
-        options["max_len"] = args.max_len
-    if args.min_len:
-        options["min_len"] = args.min_len
-    from tqdm import tqdm
+    options.update({k: v for k, v in (("max_len", args.max_len), ("min_len", args.min_len)) if v})
+    skipped = []
+    bar = _bar(len(paths), "caption", "img", quiet=len(paths) < 64)
 
-    failed = 0
-    bar = tqdm(total=len(paths), desc="caption", unit="img", disable=not sys.stderr.isatty() or len(paths) < 64)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
-        images, good = [], []
-        for p in chunk:
-            try:
-                images.append(load_image(p))
-                good.append(p)
-            except ImageLoadError as e:
-                failed += 1
-                print(f"skipped: {e}", file=sys.stderr)
-        results = pipe.describe(images, return_attention=bool(args.attention_map), **options) if images else []
-        for p, r in zip(good, results):
-            print(json.dumps({"image": str(p), "caption": r.caption}) if args.json else f"{p}\t{r.caption}", flush=True)
-        bar.update(len(chunk))
-        if args.attention_map and results:
-            from xmodal.viz import attention_figure
+    def on_skip(path: Path, error: Exception) -> None:
+        skipped.append(path)
+        print(f"skipped: {error}", file=sys.stderr)
+        bar.update(1)
 
-            if not results[0].words:
-                raise ValueError("the caption is empty: no words to draw attention for (try --min-len)")
-            if results[0].attention is None:
-                raise ValueError(f"model {pipe.name} gives no attention weights")
-            attention_figure(images[0], results[0].words, results[0].attention, args.attention_map)
-            print(f"attention map: {args.attention_map}", file=sys.stderr)
+    for path, result in pipe.describe_files(paths, args.batch_size, on_skip,
+                                            return_attention=bool(args.attention_map), **options):
+        print(json.dumps({"image": str(path), "caption": result.caption}) if args.json else f"{path}\t{result.caption}",
+              flush=True)
+        bar.update(1)
+        if args.attention_map:
+            _attention_map(pipe, path, result, args.attention_map)
     bar.close()
-    if failed:
-        print(f"{failed} of {len(paths)} images skipped (unreadable)", file=sys.stderr)
-    return 1 if failed == len(paths) else 0
+    if skipped:
+        print(f"{len(skipped)} of {len(paths)} images skipped (unreadable)", file=sys.stderr)
+    return 1 if len(skipped) == len(paths) else 0
+
+
+def _attention_map(pipe, path: Path, result, out: Path) -> None:
+    from xmodal.data.images import load_image
+    from xmodal.viz import attention_figure
+
+    if not result.words:
+        raise ValueError("the caption is empty: no words to draw attention for (try --min-len)")
+    if result.attention is None:
+        raise ValueError(f"model {pipe.name} gives no attention weights")
+    attention_figure(load_image(path), result.words, result.attention, out)
+    print(f"attention map: {out}", file=sys.stderr)
 
 
 def _read_prompts_file(path: Path) -> tuple[list[str], int]:
     """Non-empty lines of a prompts file; returns (prompts, skipped blank/undecodable lines)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such prompts file")
     prompts, skipped = [], 0
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -122,103 +138,76 @@ def _read_prompts_file(path: Path) -> tuple[list[str], int]:
     return prompts, skipped
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import warnings
-
-    import xmodal
+def _checked_prompts(pipe, prompts: list[str], strict: bool) -> list[int]:
+    """Indices of the prompts that can be drawn; the others are reported and skipped alone."""
     from xmodal.models.text_encoders import UnknownWordsError
 
-    prompts = list(args.prompts)
-    skipped = 0
+    good = []
+    for index, prompt in enumerate(prompts):
+        try:
+            for message in pipe.check_prompts([prompt], strict=strict):
+                print(f"warning: prompt {index + 1}: {message}", file=sys.stderr)
+            good.append(index)
+        except (UnknownWordsError, ValueError, TypeError) as e:
+            print(f"skipped: prompt {index + 1} {prompt!r}: {e}", file=sys.stderr)
+    return good
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    prompts, unreadable = list(args.prompts), 0
     if args.prompts_file:
-        if not args.prompts_file.is_file():
-            raise ValueError(f"{args.prompts_file}: no such prompts file")
-        more, skipped = _read_prompts_file(args.prompts_file)
+        more, unreadable = _read_prompts_file(args.prompts_file)
         prompts += more
     if not prompts:
         raise ValueError("no prompts: give PROMPT arguments or --prompts-file FILE")
-    pipe = xmodal.load(args.model)
-    options = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("sampler", args.sampler),
-                                 ("negative", args.negative)) if v is not None}
-    if options and not getattr(pipe.model, "supports_sampler_options", False):
-        raise ValueError(f"{', '.join('--' + k for k in options)}: model {pipe.name} ({pipe.model.registry_name}) "
-                         "takes no sampler options")
+    pipe = _load(args.model, "text-to-image")
+    options = pipe.options(_options(args))
+    good = _checked_prompts(pipe, prompts, args.strict)
     args.out.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(prompts) * args.n, desc="generate", unit="img", disable=not sys.stderr.isatty())
-    k, failed = 0, 0
-    for index, prompt in enumerate(prompts):  # one prompt at a time so a bad one is skipped, not fatal
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                results = pipe.generate([prompt], n=args.n, seed=args.seed + k, batch_size=args.batch_size,
-                                        strict=args.strict, **options)
-            for w in caught:
-                print(f"warning: prompt {index + 1}: {w.message}", file=sys.stderr)
-        except (UnknownWordsError, ValueError, TypeError) as e:
-            print(f"skipped: prompt {index + 1} {prompt!r}: {e}", file=sys.stderr)
-            failed += 1
-            k += args.n
-            bar.update(args.n)
-            continue
-        for j, r in enumerate(results):
-            path = args.out / f"{index:04d}-{j:02d}-seed{r.seed}.png"
+    if good:  # every good prompt in shared batches; prompt i's images use seeds seed + i*n + j
+        bar = _bar(len(good) * args.n, "generate", "img")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported per prompt above
+            results = pipe.generate([prompts[i] for i in good], n=args.n, seeds=[args.seed + i * args.n for i in good],
+                                    batch_size=args.batch_size, progress=bar.update, options=options)
+        bar.close()
+        for k, r in enumerate(results):
+            path = args.out / f"{good[k // args.n]:04d}-{k % args.n:02d}-seed{r.seed}.png"
             r.image.save(path)
-            if args.json:
-                print(json.dumps({"prompt": r.prompt, "file": str(path), "seed": r.seed}), flush=True)
-            else:
-                print(f"{path}\t{r.prompt}", flush=True)
-        k += args.n
-        bar.update(args.n)
-    bar.close()
-    if failed or skipped:
-        print(f"{failed} of {len(prompts)} prompts failed, {skipped} unreadable lines skipped", file=sys.stderr)
-    return 1 if failed == len(prompts) else 0
-
-
-DEMO_PROMPTS = [
-    "a large red circle",
-    "a small blue square above a large yellow triangle",
-    "there is a large green cross to the left of a small purple diamond",
-    "a small orange circle is below a large blue cross",
-    "the image shows a small yellow diamond",
-    "a large purple square to the right of a small red triangle",
-    "a large green triangle",  # a colour-shape pair never seen in training (WORLD.md's novel split)
-    "a small purple circle above a large orange square",  # two unseen pairs
-]
+            print(json.dumps({"prompt": r.prompt, "file": str(path), "seed": r.seed}) if args.json
+                  else f"{path}\t{r.prompt}", flush=True)
+    failed = len(prompts) - len(good)
+    if failed or unreadable:
+        print(f"{failed} of {len(prompts)} prompts failed, {unreadable} unreadable lines skipped", file=sys.stderr)
+    return 1 if not good else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import html as html_lib
+    from xmodal.sheets import html_sheet, picture_sheet, table_html
+    from xmodal.tasks.text_to_image import cycle
 
-    import xmodal
-    from xmodal.sheets import html_sheet, picture_sheet
-    from xmodal.worlds.shapes import parse
-
-    generator, captioner = xmodal.load(args.generator), xmodal.load(args.captioner)
+    generator, captioner = _load(args.generator, "text-to-image"), _load(args.captioner, "image-to-text")
     print(f"generator: {generator.name} ({generator.model.registry_name}); "
           f"captioner: {captioner.name} ({captioner.model.registry_name})")
-    results = generator.generate(DEMO_PROMPTS, n=1, seed=args.seed)
-    images = [r.image for r in results]
-    captions = captioner(images)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows, matches = [], 0
+    result = cycle(generator, captioner, [{"captions": [p]} for p in DEMO_PROMPTS], seed=args.seed)
+    rows = [[p, c, "yes" if ok else "no"] for p, c, ok in zip(DEMO_PROMPTS, result["captions"], result["match"])]
     width = max(len(p) for p in DEMO_PROMPTS)
     print(f"\n{'prompt':<{width}}  {'caption of the generated image':<62} match")
-    for prompt, caption in zip(DEMO_PROMPTS, captions):
-        ok = parse(caption) is not None and parse(caption) == parse(prompt)
-        matches += ok
-        print(f"{prompt:<{width}}  {caption:<62} {'yes' if ok else 'no'}")
-        rows.append(f"<tr><td>{html_lib.escape(prompt)}</td><td>{html_lib.escape(caption)}</td><td>{'yes' if ok else 'no'}</td></tr>")
+    for prompt, caption, ok in rows:
+        print(f"{prompt:<{width}}  {caption:<62} {ok}")
+    from PIL import Image
+
+    images = [Image.fromarray(a) for a in result["images"]]
+    args.out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
         im.save(args.out / f"{i:02d}.png")
-    labels = [[f"prompt: {p}", f"caption: {c}"] for p, c in zip(DEMO_PROMPTS, captions)]
+    labels = [[f"prompt: {p}", f"caption: {c}"] for p, c, _ in rows]
+    matches = sum(result["match"])
     png = picture_sheet(images, labels, args.out / "sheet.png")
-    table = "<table><tr><th>prompt</th><th>caption</th><th>match</th></tr>" + "".join(rows) + "</table>"
     page = html_sheet(images, labels, args.out / "sheet.html", "xmodal demo: text -> image -> text",
                       f"{matches} of {len(DEMO_PROMPTS)} round trips match (scene parsed from the caption equals the "
-                      f"prompt's). Generator {generator.name}, captioner {captioner.name}, seed {args.seed}.", table)
+                      f"prompt's). Generator {generator.name}, captioner {captioner.name}, seed {args.seed}.",
+                      table_html(["prompt", "caption", "match"], rows))
     print(f"\n{matches}/{len(DEMO_PROMPTS)} round trips match. Picture sheet: {png} and {page}")
     return 0
 
@@ -226,8 +215,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from xmodal import evaluation
 
-    options = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("sampler", args.sampler))
-               if v is not None}
     common = {"split": args.split, "limit": args.limit}
     if args.what == "captioner":
         metrics = evaluation.evaluate_captioner(args.model or DEFAULT_CAPTIONER, args.data, args.out, beam=args.beam,
@@ -235,20 +222,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.what == "generator":
         metrics = evaluation.evaluate_generator(args.model or DEFAULT_GENERATOR, args.data, args.out,
                                                 captioner=args.captioner, clip=args.clip, seed=args.seed,
-                                                inception_weights=args.inception_weights, **common, **options)
+                                                inception_weights=args.inception_weights, options=_options(args),
+                                                **common)
     else:
         metrics = evaluation.evaluate_cycle(args.generator, args.captioner or DEFAULT_CAPTIONER, args.data, args.out,
-                                            seed=args.seed, **common, **options)
+                                            seed=args.seed, options=_options(args), **common)
     print(json.dumps(metrics))
     print(f"report: {args.out / 'report.html'}", file=sys.stderr)
     return 0
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from xmodal.evaluation import search
+    from xmodal.search import search
 
     for hit in search(args.model, args.folder, text=args.text, image=args.image, top=args.top):
         print(json.dumps(hit))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from xmodal.server import serve
+
+    serve(args.host, args.port, args.generator, args.captioner)
     return 0
 
 
@@ -264,18 +259,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print("no bundled models")
     for m in models:
         quality = ", ".join(f"{k}={v}" for k, v in m.get("quality", {}).items()) or "-"
-        print(f"{m['name']:<22} {m['task']:<15} {m['model']:<20} {quality}")
+        print(f"{m['name']:<30} {m['task']:<21} {m['model']:<22} {quality}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from xmodal import __version__
+# ----------------------------------------------------------------------------- parsers
 
-    parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal generation: text -> image, image -> text.")
-    parser.add_argument("--version", action="version", version=f"xmodal {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
 
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="build or import a data set into the prepared format")
+    data.set_defaults(func=_cmd_data)
     dsub = data.add_subparsers(dest="source", required=True)
     shapes = dsub.add_parser("shapes", help="render a Shapes data set (WORLD.md)")
     shapes.add_argument("out", type=Path)
@@ -284,28 +277,32 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--size", type=int, default=64)
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
-    for name, help_text in (("coco", "COCO captions JSON"), ("karpathy", "Karpathy split JSON"),
-                            ("flickr", "Flickr .token file"), ("folder", "a folder of images + JSONL/CSV captions")):
-        p = dsub.add_parser(name, help=f"import {help_text}")
-        if name == "coco":
-            p.add_argument("--annotations", type=Path, required=True, help="captions_*.json")
-        elif name == "karpathy":
-            p.add_argument("--json", type=Path, required=True, help="dataset_coco.json / dataset_flickr30k.json")
-        elif name == "flickr":
-            p.add_argument("--token", type=Path, required=True, help="results_20130124.token / Flickr8k.token.txt")
-        else:
-            p.add_argument("--captions", type=Path, required=True, help=".jsonl, .csv or .tsv with image and caption columns")
+    sources = {"coco": ("COCO captions JSON", "--annotations", "captions_*.json"),
+               "karpathy": ("Karpathy split JSON", "--json", "dataset_coco.json / dataset_flickr30k.json"),
+               "flickr": ("Flickr .token file", "--token", "results_20130124.token / Flickr8k.token.txt"),
+               "folder": ("a folder of images + JSONL/CSV captions", "--captions",
+                          ".jsonl, .csv or .tsv with image and caption columns")}
+    for name, (what, flag, file_help) in sources.items():
+        p = dsub.add_parser(name, help=f"import {what}")
+        p.add_argument(flag, type=Path, required=True, help=file_help)
         p.add_argument("--images", type=Path, required=True, help="folder the image paths are relative to")
         p.add_argument("out", type=Path)
         if name in ("coco", "flickr"):
             p.add_argument("--split", default="train", help="split recorded for every image")
         p.add_argument("--mode", choices=["copy", "symlink"], default="copy", help="copy images, or link to them")
 
-    train = sub.add_parser("train", help="train a model from a TOML config (extra --section.key=value override it)")
-    train.add_argument("config", type=Path)
-    train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
 
+def _add_sampler_options(p, negative: bool = True) -> None:
+    p.add_argument("--steps", type=int, help="sampler steps (diffusion models)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (diffusion models)")
+    p.add_argument("--sampler", help="ddpm | ddim | dpm (diffusion models)")
+    if negative:
+        p.add_argument("--negative", help="negative prompt (diffusion models)")
+
+
+def _add_use(sub) -> None:
     caption = sub.add_parser("caption", help="describe images")
+    caption.set_defaults(func=_cmd_caption)
     caption.add_argument("images", nargs="+", type=Path, help="image files or folders")
     caption.add_argument("--model", default=DEFAULT_CAPTIONER, help="bundled model name or model folder")
     caption.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
@@ -316,34 +313,36 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--attention-map", type=Path, help="PNG drawing each word's attention (one image)")
 
     gen = sub.add_parser("generate", help="generate images from text prompts")
+    gen.set_defaults(func=_cmd_generate)
     gen.add_argument("prompts", nargs="*", help="text prompts")
     gen.add_argument("--prompts-file", type=Path, help="one prompt per line")
-    gen.add_argument("--model", default=DEFAULT_GENERATOR,
-                     help="bundled model name or model folder")
+    gen.add_argument("--model", default=DEFAULT_GENERATOR, help="bundled model name or model folder")
     gen.add_argument("-n", type=int, default=1, help="images per prompt")
-    gen.add_argument("--seed", type=int, default=0, help="image k of the run uses seed + k")
+    gen.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * n + j")
     gen.add_argument("--out", "-o", type=Path, default=Path("out"), help="folder for the PNGs")
     gen.add_argument("--batch-size", type=int, default=64)
     gen.add_argument("--json", action="store_true", help='one line per image: {"prompt", "file", "seed"}')
     gen.add_argument("--strict", action="store_true", help="unknown words are an error, not a warning")
-    gen.add_argument("--steps", type=int, help="sampler steps (diffusion models)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (diffusion models)")
-    gen.add_argument("--sampler", help="ddpm | ddim | dpm (diffusion models)")
-    gen.add_argument("--negative", help="negative prompt (diffusion models)")
+    _add_sampler_options(gen)
 
     demo = sub.add_parser("demo", help="generate pictures from sample prompts and caption them back")
+    demo.set_defaults(func=_cmd_demo)
     demo.add_argument("--generator", default=DEFAULT_GENERATOR)
     demo.add_argument("--captioner", default=DEFAULT_CAPTIONER)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", "-o", type=Path, default=Path("out/demo"))
 
     srv = sub.add_parser("serve", help="HTTP server with a web page (FastAPI)")
+    srv.set_defaults(func=_cmd_serve)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--generator", default=DEFAULT_GENERATOR)
     srv.add_argument("--captioner", default=DEFAULT_CAPTIONER)
 
+
+def _add_measure(sub) -> None:
     ev = sub.add_parser("evaluate", help="measure a model; writes metrics.json and report.html")
+    ev.set_defaults(func=_cmd_evaluate)
     ev.add_argument("what", choices=["captioner", "generator", "cycle"])
     ev.add_argument("--model", help="the model to evaluate (captioner or generator)")
     ev.add_argument("--generator", default=DEFAULT_GENERATOR, help="cycle: the generator")
@@ -358,11 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
     ev.add_argument("--inception-weights", help="Inception v3 weights file for FID/KID instead of our own features")
-    ev.add_argument("--steps", type=int)
-    ev.add_argument("--guidance", type=float)
-    ev.add_argument("--sampler")
+    _add_sampler_options(ev, negative=False)
 
     se = sub.add_parser("search", help="retrieval with a dual encoder: text -> images, or image -> captions")
+    se.set_defaults(func=_cmd_search)
     se.add_argument("folder", type=Path, help="images (text query) or a prepared data set (image query)")
     se.add_argument("--text")
     se.add_argument("--image", type=Path)
@@ -370,7 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--top", type=int, default=5)
 
     models = sub.add_parser("models", help="list the bundled models")
+    models.set_defaults(func=_cmd_models)
     models.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xmodal import __version__
+
+    parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal generation: text -> image, image -> text.")
+    parser.add_argument("--version", action="version", version=f"xmodal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+    train = sub.add_parser("train", help="train a model from a TOML config (extra --section.key=value override it)")
+    train.set_defaults(func=_cmd_train)
+    train.add_argument("config", type=Path)
+    train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    _add_use(sub)
+    _add_measure(sub)
     return parser
 
 
@@ -379,36 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
     try:
-        if args.command == "data":
-            return _cmd_data(args)
-        if args.command == "train":
-            return _cmd_train(args, rest)
-        if args.command == "evaluate":
-            return _cmd_evaluate(args)
-        if args.command == "search":
-            return _cmd_search(args)
-        if args.command == "serve":
-            from xmodal.server import serve
-
-            serve(args.host, args.port, args.generator, args.captioner)
-            return 0
-        if args.command == "demo":
-            return _cmd_demo(args)
-        if args.command == "generate":
-            return _cmd_generate(args)
-        if args.command == "caption":
-            return _cmd_caption(args)
-        if args.command == "models":
-            return _cmd_models(args)
+        return args.func(args)
     except (ValueError, OSError) as e:
         print(f"xmodal {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"xmodal {args.command}: interrupted", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command!r}")
-    return 2
 
 
 if __name__ == "__main__":

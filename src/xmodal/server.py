@@ -9,9 +9,7 @@ queue instead of fighting over the CPU. Bad input gets a 4xx with the reason.
 from __future__ import annotations
 
 import asyncio
-import io
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,30 +96,26 @@ def create_app(generator: str = "shapes-diffusion", captioner: str = "shapes-cap
                max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
     import xmodal
     from xmodal.data.images import ImageLoadError
+    from xmodal.models.base import GenerateOptions
+    from xmodal.models.hub import load_model
     from xmodal.models.text_encoders import UnknownWordsError
+    from xmodal.pipelines import pipeline_for
     from xmodal.sheets import png_base64
 
     app = FastAPI(title="xmodal", description="text -> image and image -> text")
-    gen_pipe = xmodal.load(generator)
-    cap_pipe = xmodal.load(captioner)
+    gen_pipe = pipeline_for(load_model(generator), "text-to-image")
+    cap_pipe = pipeline_for(load_model(captioner), "image-to-text")
 
-    def run_generate(requests: list[GenerateRequest]) -> list:
-        req = requests[0]
-        options = {k: v for k, v in (("steps", req.steps), ("guidance", req.guidance), ("sampler", req.sampler),
-                                     ("negative", req.negative)) if v is not None}
+    def run_generate(jobs: list[tuple[GenerateRequest, GenerateOptions]]) -> list:
+        """One model batch for requests with the same options (the batcher's key)."""
         prompts, seeds = [], []
-        for r in requests:
+        for r, _ in jobs:
             prompts += [r.prompt] * r.n
             seeds += [r.seed + k for k in range(r.n)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            images = gen_pipe.model.generate(prompts, seeds, **options)
-        from xmodal.data.images import to_pil
-
+        images = gen_pipe.render(prompts, seeds, jobs[0][1])
         out, i = [], 0
-        for r in requests:
-            out.append([{"seed": s, "png_base64": png_base64(to_pil(images[i + k]))}
-                        for k, s in enumerate(seeds[i:i + r.n])])
+        for r, _ in jobs:
+            out.append([{"seed": s, "png_base64": png_base64(im)} for s, im in zip(seeds[i:i + r.n], images[i:i + r.n])])
             i += r.n
         return out
 
@@ -152,21 +146,15 @@ def create_app(generator: str = "shapes-diffusion", captioner: str = "shapes-cap
             raise HTTPException(400, "prompt is empty")
         if len(req.prompt) > 500:
             raise HTTPException(400, "prompt is longer than 500 characters")
-        options_given = any(v is not None for v in (req.steps, req.guidance, req.sampler, req.negative))
-        if options_given and not getattr(gen_pipe.model, "supports_sampler_options", False):
-            raise HTTPException(400, f"model {generator} takes no sampler options (steps, guidance, sampler, negative)")
-        if req.sampler is not None and req.sampler not in ("ddpm", "ddim", "dpm"):
-            raise HTTPException(400, f"sampler {req.sampler!r} is not one of ddpm, ddim, dpm")
-        try:  # name unknown words now, in this request's answer
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                gen_pipe.model.text_encoder.encode([req.prompt])
+        try:  # bad options and unknown words are named now, in this request's answer
+            options = gen_pipe.options(GenerateOptions(req.steps, req.guidance, req.sampler, req.negative))
+            if options.negative is not None:
+                gen_pipe.check_prompts([options.negative])
+            caught = gen_pipe.check_prompts([req.prompt])
         except (UnknownWordsError, ValueError) as e:
             raise HTTPException(400, str(e)) from None
-        key = (req.steps, req.guidance, req.sampler, req.negative)
-        images = await gen_batcher.submit(req, key)
-        return {"model": generator, "prompt": req.prompt, "images": images,
-                "warnings": [str(w.message) for w in caught]}
+        images = await gen_batcher.submit((req, options), key=options)
+        return {"model": generator, "prompt": req.prompt, "images": images, "warnings": caught}
 
     @app.post("/v1/caption")
     async def caption(file: UploadFile = File(...)):
@@ -213,4 +201,4 @@ def serve(host: str = "127.0.0.1", port: int = 8000, generator: str = "shapes-di
     uvicorn.run(create_app(generator, captioner), host=host, port=port, log_level="info")
 
 
-__all__ = ["create_app", "serve", "io"]
+__all__ = ["create_app", "serve"]

@@ -62,3 +62,10 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}}</s
 <h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{table}<div class="grid">{cells}</div></body></html>"""
     Path(out_html).write_text(page, encoding="utf-8")
     return Path(out_html)
+
+
+def table_html(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """An HTML table, every cell escaped."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"

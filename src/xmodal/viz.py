@@ -1,4 +1,4 @@
-"""Pictures for people: attention maps and picture sheets (matplotlib, no display)."""
+"""Pictures for people: attention maps over the image, one panel per word (matplotlib, no display)."""
 
 from __future__ import annotations
 

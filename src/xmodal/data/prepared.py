@@ -14,7 +14,7 @@ Every source (Shapes, COCO, Karpathy, Flickr, a folder) is converted into it onc
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,9 +94,6 @@ class ImportReport:
         if len(entry["examples"]) < self.max_examples:
             entry["examples"].append(example)
 
-    def count(self, kind: str) -> int:
-        return self.problems.get(kind, {}).get("count", 0)
-
     def summary(self) -> str:
         lines = [f"{self.source}: wrote {self.written} images"]
         for kind, entry in self.problems.items():
@@ -126,14 +123,11 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def image_path(self, index: int) -> Path:
+    def image(self, index: int) -> Path:
+        """Item `index` as stored: its image file."""
         return self.folder / self.records[index]["image"]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str], dict]:
         record = self.records[index]
         image = self.transform(load_image(self.folder / record["image"]))
         return image, record["captions"], record
-
-
-def all_captions(records: Iterable[dict]) -> list[str]:
-    return [c for r in records for c in r["captions"]]

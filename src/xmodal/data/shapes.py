@@ -16,6 +16,11 @@ from xmodal.worlds.shapes import SPLITS, Split, render, sample_scene, scene_seed
 
 
 def shapes_record(index: int, split: Split, base_seed: int, size: int) -> tuple[dict, np.ndarray]:
+    record, scene = _record(index, split, base_seed, size)
+    return record, render(scene, size)
+
+
+def _record(index: int, split: Split, base_seed: int, size: int) -> tuple[dict, object]:
     seed = scene_seed(split, base_seed, index)
     scene = sample_scene(seed, split)
     record = {
@@ -25,7 +30,7 @@ def shapes_record(index: int, split: Split, base_seed: int, size: int) -> tuple[
         "seed": seed,
         "scene": {**scene.to_dict(), "spec": scene.spec.to_dict(), "size": size},
     }
-    return record, render(scene, size)
+    return record, scene
 
 
 def write_shapes(out: str | Path, split: Split, count: int, seed: int = 0, size: int = 64,
@@ -66,6 +71,17 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.count
 
+    @property
+    def records(self) -> list[dict]:
+        """Every item's record (scene, captions), without rendering when not cached."""
+        if self._records is not None:
+            return self._records
+        return [_record(i, self.split, self.seed, self.size)[0] for i in range(self.count)]
+
+    def image(self, index: int) -> np.ndarray:
+        """Item `index` as stored: (S, S, 3) uint8 pixels."""
+        return self.item(index)[1]
+
     def item(self, index: int) -> tuple[dict, np.ndarray]:
         if not 0 <= index < self.count:
             raise IndexError(index)
@@ -75,5 +91,7 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int):
         record, pixels = self.item(index)
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0
+        # exactly what the `shapes64` preset computes from a stored image, (x * (1/255) - 0.5) / 0.5, so
+        # a model reads the same numbers from this data set as from files or pipelines
+        image = (torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() * (1 / 255) - 0.5) / 0.5
         return image, record["captions"], record

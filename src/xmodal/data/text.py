@@ -68,9 +68,6 @@ class Vocabulary:
             words.append(self.words[i] if 0 <= i < len(self.words) else UNK)
         return " ".join(words)
 
-    def unknown_words(self, text: str) -> list[str]:
-        return [w for w in tokenize(text) if w not in self.index]
-
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"words": self.words}, indent=0))
 

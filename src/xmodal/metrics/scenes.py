@@ -10,12 +10,12 @@ of pictures whose count matched (objects paired in the order that agrees best);
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from xmodal.worlds.judge import read_scene
-from xmodal.worlds.shapes import SceneSpec, parse
+from xmodal.worlds.shapes import SceneSpec
 
 ATTRIBUTES = ("size", "color", "shape")
 
@@ -53,8 +53,3 @@ def scene_accuracy(truths: Sequence[SceneSpec], reads: Sequence[SceneSpec | None
 
 def judge_reader(images: Sequence[np.ndarray]) -> list[SceneSpec | None]:
     return [read_scene(np.asarray(im)) for im in images]
-
-
-def captioner_reader(captioner) -> Callable[[Sequence], list[SceneSpec | None]]:
-    """A reader from an image-to-text pipeline: caption, then parse by the grammar."""
-    return lambda images: [parse(c) for c in captioner(list(images), batch_size=256)]

@@ -26,6 +26,7 @@ from xmodal.models.registry import register_model
 @dataclass
 class AutoencoderConfig:
     latent_channels: int = 4
+    image_preset: str = "shapes64"  # preprocessing of the training images (xmodal.data.images.make_transform)
     channels: tuple[int, ...] = (16, 32, 64)  # at 64, 32, 16 px
     kl_weight: float = 1e-6
     decoder_channels: tuple[int, ...] | None = None  # at 16, 32, 64 px; None = channels reversed

@@ -6,7 +6,7 @@ space of unit vectors; trained with the symmetric InfoNCE loss and a learnable
 temperature (initialised at 1/0.07, clamped at 100, as in the paper). Differences: small
 towers trained from scratch for CPU, and in-batch negatives only.
 
-`encode_image` / `encode_text` give normalized embeddings; `similarity` their cosine.
+`encode_image` / `encode_text` give normalized embeddings (their dot product is the cosine).
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmodal.models.generation import WithTextEncoder
 from xmodal.models.image_encoders import create_image_encoder
 from xmodal.models.registry import register_model
+from xmodal.models.text_encoders import TextEncoderConfig
+from xmodal.models.with_text import WithTextEncoder
 
 
 @dataclass
 class CLIPConfig:
-    text_encoder: dict = field(default_factory=lambda: {"kind": "learned", "dim": 128})
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig("learned", 128))
     image_encoder: str = "factorized-cnn"
     encoder_width: int = 32
     encoder_dim: int = 128
@@ -39,8 +40,8 @@ class DualEncoder(WithTextEncoder):
     config_class = CLIPConfig
     task = "image-text-alignment"
 
-    def __init__(self, config: CLIPConfig):
-        super().__init__(config)  # builds self.text_encoder
+    def __init__(self, config: CLIPConfig, text_encoder: nn.Module | None = None):
+        super().__init__(config, text_encoder)  # the text tower
         c = config
         self.image_encoder = create_image_encoder(c.image_encoder, c.encoder_width, c.encoder_dim, c.encoder_weights)
         self.image_projection = nn.Linear(self.image_encoder.out_dim, c.embed_dim)
@@ -59,7 +60,7 @@ class DualEncoder(WithTextEncoder):
         weights = self.image_pool(grid).softmax(dim=1)  # (B, N, 1)
         return F.normalize(self.image_projection((grid * weights).sum(1)), dim=-1)  # (B, E)
 
-    def encode_text(self, texts, strict: bool = False) -> torch.Tensor:  # type: ignore[override]
+    def encode_text(self, texts, strict: bool = False) -> torch.Tensor:
         _, _, pooled = self.text_encoder.encode(texts, strict=strict)
         return F.normalize(self.text_projection(pooled), dim=-1)  # (B, E)
 
@@ -73,7 +74,3 @@ class DualEncoder(WithTextEncoder):
         loss = 0.5 * (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.t().float(), target))
         accuracy = (logits.argmax(1) == target).float().mean()
         return loss, {"batch_accuracy": accuracy.detach(), "temperature": (1 / scale).detach()}
-
-    @staticmethod
-    def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        return image_emb @ text_emb.t()

@@ -20,20 +20,23 @@ import torch
 from torch import nn
 
 from xmodal.models.generation import TextToImageModel
+from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
+from xmodal.models.text_encoders import TextEncoderConfig
 
 
 @dataclass
 class CVAEConfig:
-    text_encoder: dict = field(default_factory=lambda: {"kind": "learned", "dim": 128})
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig("learned", 128))
     image_size: int = 64
+    image_preset: str = "shapes64"  # preprocessing of the training images (xmodal.data.images.make_transform)
     z_dim: int = 32
     # decoder channels at 4, 8, 16, 32, 64 px (the encoder mirrors them); halving per stage
     # keeps every stage equally cheap, which is what makes it fast on a CPU
     channels: tuple[int, ...] = (128, 64, 32, 16, 8)
     recon_sigma: float = 0.1  # std of the Gaussian likelihood, in [-1, 1] pixel units
     kl_warmup_steps: int = 500
-    layout: dict = field(default_factory=dict)  # LayoutConfig fields; empty = no layout stage
+    layout: LayoutConfig | None = None  # None: no layout stage
 
 
 class FiLM(nn.Module):
@@ -64,8 +67,8 @@ class UpStage(nn.Module):
 class ConditionalVAE(TextToImageModel):
     config_class = CVAEConfig
 
-    def __init__(self, config: CVAEConfig):
-        super().__init__(config)
+    def __init__(self, config: CVAEConfig, text_encoder: nn.Module | None = None):
+        super().__init__(config, text_encoder)
         c, e = config, self.text_encoder.out_dim
         if c.image_size != 64:
             raise ValueError(f"the cvae is built for 64 px images, got image_size={c.image_size}")
@@ -83,7 +86,7 @@ class ConditionalVAE(TextToImageModel):
         m = self.layout.config.channels if self.layout is not None else 0
         self.up = nn.ModuleList(UpStage(a, b, e, m) for a, b in zip(chans[:-1], chans[1:]))
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, padding=1)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the KL warm-up
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps done, for the KL warm-up
 
     MAP_SIZES = (8, 16, 32, 64)  # where the decoder stages read the layout map
 
@@ -105,14 +108,15 @@ class ConditionalVAE(TextToImageModel):
         nll = ((recon.float() - images) ** 2).sum(dim=(1, 2, 3)) / (2 * self.config.recon_sigma ** 2)
         kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
         warm = min(1.0, (self.step.item() + 1) / max(self.config.kl_warmup_steps, 1))
-        if self.training:
-            self.step += 1
         loss = (nll + warm * kl.float()).mean() / pixels
         logs = {"nll": nll.mean().detach() / pixels, "kl": kl.mean().detach()}
         if layout_nll is not None:
             loss = loss + self.layout.config.weight * layout_nll
             logs["layout_nll"] = layout_nll.detach()
         return loss, logs
+
+    def on_train_step(self, step: int) -> None:
+        self.step.fill_(step)
 
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):

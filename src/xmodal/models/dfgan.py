@@ -27,13 +27,16 @@ from torch import nn
 from torch.func import functional_call
 
 from xmodal.models.generation import TextToImageModel
+from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
+from xmodal.models.text_encoders import TextEncoderConfig
 
 
 @dataclass
 class DFGANConfig:
-    text_encoder: dict = field(default_factory=lambda: {"kind": "learned", "dim": 128})
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig("learned", 128))
     image_size: int = 64
+    image_preset: str = "shapes64"  # preprocessing of the training images (xmodal.data.images.make_transform)
     z_dim: int = 64
     # generator channels at 4, 8, 16, 32, 64 px; the discriminator mirrors them (64 -> 4 px).
     # Halving per stage keeps every stage equally cheap: fast on a CPU.
@@ -42,7 +45,7 @@ class DFGANConfig:
     gp_power: float = 6.0  # MA-GP p
     lr_scale_g: float = 0.25  # generator lr = train.lr * this (DF-GAN: 1e-4 vs 4e-4)
     gp_every: int = 4  # lazy regularization (Karras et al. 2020): MA-GP every N steps, weighted by N
-    layout: dict = field(default_factory=dict)  # LayoutConfig fields; empty = no layout stage
+    layout: LayoutConfig | None = None  # None: no layout stage
 
 
 class Affine(nn.Module):
@@ -128,8 +131,8 @@ class Discriminator(nn.Module):
 class DFGAN(TextToImageModel):
     config_class = DFGANConfig
 
-    def __init__(self, config: DFGANConfig):
-        super().__init__(config)
+    def __init__(self, config: DFGANConfig, text_encoder: nn.Module | None = None):
+        super().__init__(config, text_encoder)
         if config.image_size != 64:
             raise ValueError(f"dfgan is built for 64 px images, got image_size={config.image_size}")
         if len(config.channels) != 5:
@@ -138,7 +141,7 @@ class DFGAN(TextToImageModel):
         m = self.layout.config.channels if self.layout is not None else 0
         self.generator = Generator(config.z_dim, e, list(config.channels), m)
         self.discriminator = Discriminator(e, list(config.channels), m)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the lazy gradient penalty
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps done, for the lazy penalty
 
     MAP_SIZES = (8, 16, 32, 64)  # where the generator blocks read the layout map
 
@@ -173,8 +176,6 @@ class DFGAN(TextToImageModel):
             grad_x, grad_s = torch.autograd.grad(self.discriminator(x, s, full).sum(), (x, s), create_graph=True)
             norm = torch.sqrt(grad_x.flatten(1).pow(2).sum(1) + grad_s.pow(2).sum(1) + 1e-12)
             gp = every * self.config.gp_weight * norm.pow(self.config.gp_power).mean()
-        if self.training:
-            self.step += 1
         # generator: fool a frozen copy of the discriminator's current parameters
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
         g_loss = -functional_call(self.discriminator, frozen, (fake, sentence.detach(),
@@ -185,6 +186,9 @@ class DFGAN(TextToImageModel):
             loss = loss + self.layout.config.weight * layout_nll
             logs["layout_nll"] = layout_nll.detach()
         return loss, logs
+
+    def on_train_step(self, step: int) -> None:
+        self.step.fill_(step)
 
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):

@@ -5,7 +5,7 @@
   text encoder's per-token features at every level (as in Rombach et al. 2022,
   https://arxiv.org/abs/2112.10752). We chose it over diffusers' `UNet2DConditionModel`
   because, at the same width, ours does one cross-attention per level and nothing else,
-  and speed on a 2-core CPU is the constraint (measured in benchmarks/diffusion.py).
+  and speed on a 2-core CPU is the constraint (measured in benchmarks/generator.py and benchmarks/diffusion_grid.py).
 - Process: diffusers' noise schedules and samplers (DDPM, DDIM, DPM-Solver++), epsilon
   prediction, cosine ("squaredcos_cap_v2") betas.
 - Classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598): the text
@@ -31,16 +31,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.models.autoencoder import Autoencoder, AutoencoderConfig
+from xmodal.models.base import LAYOUT, SAMPLER_OPTIONS
 from xmodal.models.generation import TextToImageModel
+from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
+from xmodal.models.text_encoders import TextEncoderConfig
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
 
 @dataclass
 class DiffusionConfig:
-    text_encoder: dict = field(default_factory=lambda: {"kind": "learned", "dim": 128})
-    autoencoder: dict = field(default_factory=dict)  # the first stage's AutoencoderConfig
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig("learned", 128))
+    autoencoder: AutoencoderConfig | None = None  # the first stage's (required; a trained one is a part)
+    image_preset: str = "shapes64"  # preprocessing of the training images (xmodal.data.images.make_transform)
     latent_scale: float = 1.0  # latents are divided by their std so that they have unit variance
     channels: tuple[int, ...] = (32, 64)  # UNet width at 16 and 8 latent pixels
     heads: int = 4
@@ -51,7 +55,7 @@ class DiffusionConfig:
     sampler: str = "dpm"
     steps: int = 10
     guidance: float = 3.0
-    layout: dict = field(default_factory=dict)  # LayoutConfig fields; empty = no layout stage
+    layout: LayoutConfig | None = None  # None: no layout stage
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -163,11 +167,18 @@ def make_scheduler(name: str, config: DiffusionConfig):
 @register_model("latent-diffusion")
 class LatentDiffusion(TextToImageModel):
     config_class = DiffusionConfig
-    supports_sampler_options = True
+    capabilities = frozenset({LAYOUT, SAMPLER_OPTIONS})
+    parts = ("text_encoder", "autoencoder")
 
-    def __init__(self, config: DiffusionConfig):
-        super().__init__(config)
-        self.autoencoder = Autoencoder(AutoencoderConfig(**config.autoencoder)).requires_grad_(False).eval()
+    def __init__(self, config: DiffusionConfig, text_encoder: nn.Module | None = None,
+                 autoencoder: Autoencoder | None = None):
+        super().__init__(config, text_encoder)
+        if autoencoder is None:
+            if config.autoencoder is None:
+                raise ValueError("latent-diffusion needs its first stage: autoencoder=<a trained Autoencoder> "
+                                 "(or its config, when loading a folder)")
+            autoencoder = Autoencoder(config.autoencoder)
+        self.autoencoder = autoencoder.requires_grad_(False).eval()
         d = self.text_encoder.out_dim
         m = self.layout.config.channels if self.layout is not None else 0
         self.unet = UNet(self.autoencoder.config.latent_channels, tuple(config.channels), d, config.heads, m)
@@ -212,8 +223,15 @@ class LatentDiffusion(TextToImageModel):
         pred = self.unet(noisy, t, tokens, mask, pooled, layout_map)
         loss = F.mse_loss(pred.float(), noise)
         if layout_nll is None:
-            return loss
+            return loss, {"mse": loss.detach()}
         return loss + self.layout.config.weight * layout_nll, {"mse": loss.detach(), "layout_nll": layout_nll.detach()}
+
+    @classmethod
+    def config_from_parts(cls, parts: dict) -> dict:
+        values = super().config_from_parts(parts)
+        if "autoencoder" in parts:
+            values["autoencoder"] = parts["autoencoder"].config
+        return values
 
     @torch.no_grad()
     def generate(self, texts, seeds, steps: int | None = None, guidance: float | None = None,

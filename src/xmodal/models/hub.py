@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from xmodal._version import __version__
+from xmodal.models.base import Capable
 from xmodal.models.registry import get_model_class, make_config
 
 FORMAT_VERSION = 1
@@ -25,20 +27,41 @@ class ModelLoadError(ValueError):
     """A model name or folder that cannot be loaded; the message says why."""
 
 
-class PretrainedModel(nn.Module):
+class PretrainedModel(Capable, nn.Module):
     """Base of every registered model: a typed config, save and load as a folder.
 
-    Subclasses set `config_class` and `task`, and override `save_assets` /
-    `load_assets` when they carry files besides the weights (a vocabulary, a tokenizer).
+    Subclasses set `config_class`, `task` and (optionally) `capabilities`, and override
+    `save_assets` / `load_assets` when they carry files besides the weights (a vocabulary,
+    a tokenizer). `from_parts` / `create_model` build one complete, ready model in one call.
     """
 
     config_class: ClassVar[type]
     task: ClassVar[str] = "other"
     registry_name: ClassVar[str]
+    parts: ClassVar[tuple[str, ...]] = ()  # keyword arguments of __init__ that take prepared objects
 
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.source: str | None = None  # the folder it was loaded from
+
+    @classmethod
+    def is_part(cls, name: str, value) -> bool:
+        """Whether `value` given for `name` is a prepared object (else it is a config value)."""
+        return value is not None and not isinstance(value, dict) and not dataclasses.is_dataclass(value)
+
+    @classmethod
+    def config_from_parts(cls, parts: dict) -> dict:
+        """The config fields that the given prepared parts decide."""
+        return {}
+
+    def param_groups(self) -> list[dict]:
+        """Parameter groups for the optimizer; a group may carry its own `lr_scale` (GAN G and D)."""
+        return [{"params": list(self.parameters())}]
+
+    def on_train_step(self, step: int) -> None:
+        """Called by the Trainer after optimizer step `step` (1-based): models with a schedule
+        of their own (a KL warm-up, lazy regularization) read the step here, not in `loss`."""
 
     # assets: files other than weights that the model needs (vocabulary, tokenizer)
     def save_assets(self, folder: Path) -> None:
@@ -52,8 +75,6 @@ class PretrainedModel(nn.Module):
 
     def save_pretrained(self, folder: str | Path, card: str | None = None, extra: dict | None = None) -> Path:
         from safetensors.torch import save_file
-
-        from xmodal import __version__
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

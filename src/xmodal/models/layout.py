@@ -4,7 +4,7 @@ The two-stage design of Hong et al. 2018 ("Inferring Semantic Layout for Hierarc
 Text-to-Image Synthesis", https://arxiv.org/abs/1801.05091) and Obj-GAN (Li et al. 2019,
 https://arxiv.org/abs/1902.10740): a layout generator reads the text and draws one box per
 object, then the image generator paints inside those boxes. Boxes are supervised by the
-object annotations of the training data (`record["scene"]["objects"]`: centre and
+object annotations of the training data (`xmodal.data.boxes`: centre and
 half-extent); the image generator sees the layout as a feature map, as GLIGEN
 (https://arxiv.org/abs/2301.07093) grounds a diffusion model on boxes.
 
@@ -65,49 +65,6 @@ class LayoutConfig:
     @property
     def channels(self) -> int:  # of the painted map: features, labels, u, v, mask
         return self.feature_dim + self.label_channels + 3
-
-
-@dataclass
-class Layout:
-    """Boxes (B, K, 3) as (cx, cy, r) in 64-px units, present (B, K) bool, slot features (B, K, D)."""
-
-    boxes: torch.Tensor
-    present: torch.Tensor
-    slots: torch.Tensor
-
-
-def layout_targets(records: Sequence[dict], slots: int, labels: dict[str, list[str]] | None = None) -> tuple:
-    """True boxes of records with object annotations, in reading order -> (boxes (B, K, 3), present (B, K)),
-    and with `labels` also the objects' label indices (B, K, len(labels)) (absent slots: 0)."""
-    labels = labels or {}
-    boxes, present = torch.zeros(len(records), slots, 3), torch.zeros(len(records), slots, dtype=torch.bool)
-    label_ids = torch.zeros(len(records), slots, len(labels), dtype=torch.long)
-    for i, record in enumerate(records):
-        objects = (record.get("scene") or {}).get("objects")
-        if not objects:
-            raise ValueError("this generator has a layout stage, which trains on object boxes "
-                             "(record['scene']['objects'] with cx, cy, r); this data set's records have none")
-        if len(objects) > slots:
-            raise ValueError(f"a record has {len(objects)} objects; the layout stage has {slots} slots")
-        for k, o in enumerate(reading_order(objects)):
-            boxes[i, k] = torch.tensor([o["cx"], o["cy"], o["r"]], dtype=torch.float32)
-            present[i, k] = True
-            for j, (key, values) in enumerate(labels.items()):
-                if o.get(key) not in values:
-                    raise ValueError(f"an object's {key} is {o.get(key)!r}, not one of the layout's labels {values}")
-                label_ids[i, k, j] = values.index(o[key])
-    return (boxes, present, label_ids) if labels else (boxes, present)
-
-
-def reading_order(objects: Sequence[dict]) -> list[dict]:
-    """Objects as a caption names them: two objects left-to-right if they are further apart
-    horizontally than vertically, else top-to-bottom (the Shapes world's canonical order)."""
-    if len(objects) != 2:
-        return sorted(objects, key=lambda o: (o["cx"], o["cy"]))
-    a, b = objects
-    dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]
-    first_is_a = dx > 0 if abs(dx) >= abs(dy) else dy > 0
-    return [a, b] if first_is_a else [b, a]
 
 
 class LayoutModel(nn.Module):

@@ -1,6 +1,8 @@
 """Register model classes by name and create them from a config (timm style).
 
-A model class has a `config_class` (a dataclass) and takes one instance of it.
+A model class has a `config_class` (a dataclass) and takes one instance of it, plus the
+prepared parts it names in `parts` (a trained text encoder, a vocabulary, a first stage).
+`create_model(name, **values)` builds a complete model in one call.
 Registration happens when the module defining the class is imported; `_MODULES`
 lists those modules so that `create_model` can find every built-in model
 without importing them all at package import time.
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
+import typing
 from typing import Any
 
 _REGISTRY: dict[str, type] = {}
@@ -57,16 +61,56 @@ def get_model_class(name: str) -> type:
     return _REGISTRY[name]
 
 
+def _dataclass_in(hint) -> type | None:
+    """The dataclass a field's type names (`X` or `X | None`), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return inner[0] if len(inner) == 1 else None
+    return None
+
+
+def build_config(cls: type, values: Any, where: str):
+    """`cls(**values)`, nested dataclass fields built the same way; an unknown key or a value of the
+    wrong kind is a ValueError naming `where` and the valid keys."""
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a table of {cls.__name__} fields, got {values!r}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {valid}")
+    hints = typing.get_type_hints(cls)
+    values = dict(values)
+    for name, value in values.items():
+        inner = _dataclass_in(hints[name])
+        if inner is not None and isinstance(value, dict):
+            # an empty table means "none" where the field may be None (how older folders say "no layout")
+            none_ok = inner is not hints[name]
+            values[name] = None if (none_ok and not value) else build_config(inner, value, f"{where}.{name}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def make_config(cls: type, values: dict[str, Any] | None = None):
     """Build `cls.config_class` from a dict; an unknown key is an error naming the valid ones."""
-    values = dict(values or {})
-    valid = {f.name for f in dataclasses.fields(cls.config_class)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} for model {cls.registry_name!r}; valid: {sorted(valid)}")
-    return cls.config_class(**values)
+    return build_config(cls.config_class, dict(values or {}), f"model {cls.registry_name!r} config")
 
 
-def create_model(name: str, **config: Any):
+def create_model(name: str, **values: Any):
+    """A complete model in one call: config fields by name, and prepared parts (`text_encoder=`
+    a prepared encoder, `vocab=` a Vocabulary, `autoencoder=` a trained first stage) by the name
+    in the class's `parts`. A part decides its own config fields; giving one of those fields a
+    different value as well is an error, never silently overwritten."""
     cls = get_model_class(name)
-    return cls(make_config(cls, config))
+    parts = {k: values.pop(k) for k in cls.parts if k in values and cls.is_part(k, values[k])}
+    for key, value in cls.config_from_parts(parts).items():
+        if key in values and values[key] != value:
+            raise ValueError(f"model {name!r}: {key}={values[key]!r} given, but the {', '.join(parts)} given "
+                             f"decide {key}={value!r}; leave {key} out")
+        values[key] = value
+    return cls(make_config(cls, values), **parts)

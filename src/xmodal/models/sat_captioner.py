@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from xmodal.data.text import Vocabulary
 from xmodal.models.captioning import Captioner
 from xmodal.models.registry import register_model
 
@@ -59,8 +60,8 @@ class SoftAttention(nn.Module):
 class SATCaptioner(Captioner):
     config_class = SATConfig
 
-    def __init__(self, config: SATConfig):
-        super().__init__(config)
+    def __init__(self, config: SATConfig, vocab: Vocabulary | None = None):
+        super().__init__(config, vocab)
         c = config
         d = self.image_encoder.out_dim
         self.attention = SoftAttention(d, c.decoder_dim, c.attention_dim)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from xmodal.data.text import Vocabulary
 from xmodal.models.captioning import Captioner
 from xmodal.models.registry import register_model
 
@@ -61,8 +62,8 @@ class DecoderBlock(nn.Module):
 class TransformerCaptioner(Captioner):
     config_class = TransformerCaptionerConfig
 
-    def __init__(self, config: TransformerCaptionerConfig):
-        super().__init__(config)
+    def __init__(self, config: TransformerCaptionerConfig, vocab: Vocabulary | None = None):
+        super().__init__(config, vocab)
         c = config
         self.memory_proj = nn.Linear(self.image_encoder.out_dim, c.d_model)
         self.region_pos = nn.Parameter(torch.zeros(c.max_regions, c.d_model))

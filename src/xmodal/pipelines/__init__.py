@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from xmodal.pipelines.alignment import AlignmentPipeline
 from xmodal.pipelines.image_to_text import ImageToTextPipeline
 from xmodal.pipelines.text_to_image import TextToImagePipeline
 
-
-def pipeline_for(model):
-    if model.task == "image-to-text":
-        return ImageToTextPipeline(model)
-    if model.task == "text-to-image":
-        return TextToImagePipeline(model)
-    raise ValueError(f"no pipeline for task {model.task!r} (model {model.registry_name!r})")
+PIPELINES = {"image-to-text": ImageToTextPipeline, "text-to-image": TextToImagePipeline,
+             "image-text-alignment": AlignmentPipeline}
 
 
-__all__ = ["ImageToTextPipeline", "TextToImagePipeline", "pipeline_for"]
+def pipeline_for(model, task: str | None = None):
+    """The pipeline of a loaded model's task; `task` names the one expected (a clear error otherwise)."""
+    if task is not None and model.task != task:
+        raise ValueError(f"{model.source or model.registry_name} is a {model.task} model "
+                         f"({model.registry_name}); this needs a {task} model")
+    if model.task not in PIPELINES:
+        raise ValueError(f"no pipeline for task {model.task!r} (model {model.registry_name!r}); "
+                         f"pipelines: {sorted(PIPELINES)}")
+    return PIPELINES[model.task](model)
+
+
+__all__ = ["AlignmentPipeline", "ImageToTextPipeline", "TextToImagePipeline", "pipeline_for", "PIPELINES"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -10,10 +10,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xmodal.data.images import load_image, make_transform
+from xmodal.data.images import ImageLoadError, load_image, make_transform
 from xmodal.models.decoding import DecodeOptions, decode
 
 ImageLike = Image.Image | str | Path | np.ndarray
+
+
+def to_image(image: ImageLike) -> Image.Image:
+    """A PIL RGB image from a PIL image, an image file path or an (H, W, 3) uint8 array."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"an array image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        return Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"cannot read a {type(image).__name__} as an image; give PIL images, paths or uint8 arrays")
+    return image.convert("RGB")
 
 
 @dataclass
@@ -33,18 +46,10 @@ class ImageToTextPipeline:
 
     @property
     def name(self) -> str:
-        return getattr(self.model, "source", self.model.registry_name)
+        return self.model.source or self.model.registry_name
 
     def _to_tensor(self, image: ImageLike) -> torch.Tensor:
-        if isinstance(image, (str, Path)):
-            image = load_image(image)
-        elif isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"an array image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-            image = Image.fromarray(image)
-        elif not isinstance(image, Image.Image):
-            raise TypeError(f"cannot caption a {type(image).__name__}; give PIL images, paths or uint8 arrays")
-        return self.transform(image.convert("RGB"))
+        return self.transform(to_image(image))
 
     @torch.no_grad()
     def describe(self, images: Sequence[ImageLike], batch_size: int = 128, return_attention: bool = False,
@@ -64,6 +69,23 @@ class ImageToTextPipeline:
                     attention = d.attention.view(-1, side, n // side) if side * (n // side) == n else d.attention
                 results.append(CaptionResult(" ".join(words), d.score, words, attention))
         return results
+
+    def describe_files(self, paths: Sequence[str | Path], batch_size: int = 64,
+                       on_skip: Callable[[Path, ImageLoadError], None] | None = None,
+                       **options) -> Iterator[tuple[Path, CaptionResult]]:
+        """(path, result) for each readable image file, batch by batch; an unreadable file is
+        handed to `on_skip` and skipped alone, never failing its batch."""
+        for start in range(0, len(paths), batch_size):
+            images, good = [], []
+            for path in map(Path, paths[start:start + batch_size]):
+                try:
+                    images.append(load_image(path))
+                    good.append(path)
+                except ImageLoadError as e:
+                    if on_skip is not None:
+                        on_skip(path, e)
+            if images:
+                yield from zip(good, self.describe(images, batch_size=batch_size, **options))
 
     def __call__(self, images: Sequence[ImageLike] | ImageLike, **options) -> list[str]:
         """Caption images (PIL images, paths or (H, W, 3) uint8 arrays) -> one string each."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from xmodal.data.images import to_pil
+from xmodal.models.base import GenerateOptions
 from xmodal.models.text_encoders import check_texts
 
 
@@ -25,28 +27,59 @@ class TextToImagePipeline:
 
     @property
     def name(self) -> str:
-        return getattr(self.model, "source", self.model.registry_name)
+        return self.model.source or self.model.registry_name
+
+    def options(self, options: GenerateOptions | None = None, **values) -> GenerateOptions:
+        """Checked sampler options: a GenerateOptions, or its fields as keywords."""
+        if options is None:
+            unknown = sorted(set(values) - set(GenerateOptions.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown generate option(s) {unknown}; valid: {sorted(GenerateOptions.__dataclass_fields__)}")
+            options = GenerateOptions(**values)
+        elif values:
+            raise ValueError("give GenerateOptions or option keywords, not both")
+        return options.check(self.model)
 
     @torch.no_grad()
+    def check_prompts(self, prompts: Sequence[str] | str, strict: bool = False) -> list[str]:
+        """The warnings (unknown words) the prompts would give; raises when one cannot be drawn
+        (empty, not text, or unknown words when `strict`)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.model.text_encoder.encode(check_texts(prompts), strict=strict)
+        return [str(w.message) for w in caught]
+
+    @torch.no_grad()
+    def render(self, prompts: Sequence[str], seeds: Sequence[int], options: GenerateOptions | None = None) -> list[Image.Image]:
+        """One image per (prompt, seed) pair, in one model batch; prompts already checked."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown words are reported by check_prompts
+            images = self.model.generate(list(prompts), list(seeds), **(options or GenerateOptions()).given())
+        return [to_pil(img) for img in images]
+
     def generate(self, prompts: Sequence[str] | str, n: int = 1, seed: int = 0, batch_size: int = 64,
-                 strict: bool = False, progress=None, **options) -> list[GeneratedImage]:
-        """n images per prompt, prompt-major; image k (0-based overall) uses seed `seed + k`."""
+                 strict: bool = False, progress: Callable[[int], None] | None = None,
+                 options: GenerateOptions | None = None, seeds: Sequence[int] | None = None,
+                 **option_values) -> list[GeneratedImage]:
+        """n images per prompt, prompt-major, batched across prompts. Image k (0-based overall)
+        uses seed `seed + k`; with `seeds` (one per prompt), image j of prompt i uses `seeds[i] + j`."""
         prompts = check_texts(prompts)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(n))]
-        self.model.text_encoder.encode(sorted(set(prompts)), strict=strict)  # name unknown words once, up front
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        options = self.options(options, **option_values)
+        starts = list(seeds) if seeds is not None else [seed + i * n for i in range(len(prompts))]
+        jobs = [(p, s + j) for p, s in zip(prompts, starts) for j in range(n)]
+        for message in self.check_prompts(sorted(set(prompts)), strict=strict):  # named once, up front
+            warnings.warn(message, stacklevel=2)
         out = []
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # already reported above
-                images = self.model.generate([p for p, _ in chunk], [s for _, s in chunk], **options)
-            out.extend(GeneratedImage(p, s, to_pil(img)) for (p, s), img in zip(chunk, images))
+            images = self.render([p for p, _ in chunk], [s for _, s in chunk], options)
+            out.extend(GeneratedImage(p, s, img) for (p, s), img in zip(chunk, images))
             if progress is not None:
                 progress(len(chunk))
         return out

@@ -251,7 +251,7 @@ class Trainer:
         self.save_model_fn = save_model or (lambda m, folder: m.save_pretrained(folder))
         self.out_dir = Path(config.out_dir)
         # a model may split its parameters into groups with their own `lr_scale` (e.g. GAN G and D)
-        groups = model.param_groups() if hasattr(model, "param_groups") else [{"params": list(model.parameters())}]
+        groups = model.param_groups()
         groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
         groups = [g for g in groups if g["params"]]
         if not groups:
@@ -262,7 +262,6 @@ class Trainer:
         self.step = 0
         self.best: float | None = None
         self.evals_without_improvement = 0
-        self.history: list[dict] = []
 
     # -- schedule
     def lr_at(self, step: int) -> float:
@@ -319,7 +318,6 @@ class Trainer:
 
     # -- logging
     def _log(self, entry: dict) -> None:
-        self.history.append(entry)
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with (self.out_dir / METRICS).open("a") as f:
@@ -412,7 +410,10 @@ class Trainer:
                 batch = move_to(batch, self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
                     out = module(batch)
-                loss, metrics = (out if isinstance(out, tuple) else (out, {}))
+                if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+                    raise TypeError(f"{type(self.model).__name__}.loss must return (loss, logs dict); "
+                                    f"got {type(out).__name__}")
+                loss, metrics = out
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower train.lr or enable grad_clip")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -420,6 +421,7 @@ class Trainer:
                 if c.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
                 self.optimizer.step()
+                self.model.on_train_step(self.step + 1)
                 if self.ema is not None:
                     self._update_ema()
                 self.step += 1

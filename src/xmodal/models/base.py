@@ -1,0 +1,128 @@
+"""What every model family must offer, written down once, and the one place capabilities are read.
+
+- Every trainable model: `loss(batch) -> (loss, logs)`, always a pair: the scalar tensor the
+  optimizer minimises, and a dict of named detached terms for the log (may be empty).
+- Captioners (`image-to-text`): `forward(images, tokens)` for teacher forcing, and
+  `encode_images` / `init_state` / `step`, so that one decoding module serves them all
+  (`xmodal.models.decoding`); a `vocab` travels with the weights.
+- Generators (`text-to-image`): `generate(texts, seeds, strict=False, **options) -> (B, 3, H, W)`
+  in [-1, 1], image i a function of (texts[i], seeds[i]) only.
+- Dual encoders (`image-text-alignment`): `encode_image` / `encode_text`, unit vectors.
+- Text encoders: `encode(texts, strict) -> (tokens (B, T, D), mask (B, T), pooled (B, D))`.
+- Image encoders: `forward_features(images) -> (B, N, D)` grid features.
+
+Optional abilities are declared, not probed: a model class lists them in `capabilities`
+(`SAMPLER_OPTIONS`, `LAYOUT`), and callers ask `supports(model, ...)` / `require(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+
+SAMPLER_OPTIONS = "sampler_options"  # generate() takes GenerateOptions (steps, guidance, sampler, negative)
+LAYOUT = "layout"  # the model may carry a layout stage (text -> boxes -> image)
+CAPABILITIES = (SAMPLER_OPTIONS, LAYOUT)
+
+SAMPLERS = ("ddpm", "ddim", "dpm")
+MAX_NEGATIVE_CHARS = 500
+
+
+def supports(model, capability: str) -> bool:
+    """Whether a model (or model class) declares `capability`."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}; valid: {CAPABILITIES}")
+    cls = model if isinstance(model, type) else type(model)
+    return capability in cls.capabilities
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """Sampler options of a text-to-image request, shared by the CLI, the server and the pipeline.
+    `None` leaves the model's own default."""
+
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    negative: str | None = None
+
+    def given(self) -> dict:
+        """The options set, as keyword arguments of a generator's `generate`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def check(self, model=None) -> GenerateOptions:
+        """Raise a ValueError naming the first bad value (or an option the model does not take)."""
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
+        if self.guidance is not None and not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance)
+                                              and 0 <= self.guidance <= 50):
+            raise ValueError(f"guidance must be a number in 0..50, got {self.guidance!r}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {SAMPLERS}")
+        if self.negative is not None and len(self.negative) > MAX_NEGATIVE_CHARS:
+            raise ValueError(f"negative prompt is longer than {MAX_NEGATIVE_CHARS} characters")
+        if model is not None and self.given() and not supports(model, SAMPLER_OPTIONS):
+            names = ", ".join(self.given())
+            raise ValueError(f"model {model.registry_name!r} takes no sampler options (got {names})")
+        return self
+
+
+class Capable:
+    """Mixed into `PretrainedModel`: the declared capabilities, empty unless a class adds some."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+
+# ----------------------------------------------------------------------------- the contracts
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    out_dim: int
+
+    def encode(self, texts: Sequence[str], strict: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    out_dim: int
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@runtime_checkable
+class Captioner(Trainable, Protocol):
+    vocab: object
+
+    def encode_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def init_state(self, memory: dict[str, torch.Tensor]): ...
+
+    def step(self, state, tokens: torch.Tensor) -> tuple[torch.Tensor, object, torch.Tensor | None]: ...
+
+
+@runtime_checkable
+class Generator(Trainable, Protocol):
+    def generate(self, texts: Sequence[str], seeds: Sequence[int], strict: bool = False,
+                 **options) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class DualEncoder(Trainable, Protocol):
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, texts: Sequence[str], strict: bool = False) -> torch.Tensor: ...
+
+
+CONTRACTS = {"image-to-text": Captioner, "text-to-image": Generator, "image-text-alignment": DualEncoder,
+             "image-autoencoder": Trainable}

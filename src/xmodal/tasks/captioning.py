@@ -1,0 +1,71 @@
+"""Captioning (image -> text): what a captioner trains on and how it is measured.
+
+`measure` is the one definition of caption quality: training-time evaluation, model cards,
+`xmodal evaluate captioner` and `benchmarks/captioner.py` all call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from xmodal.data.collate import CaptionCollate
+from xmodal.data.text import Vocabulary
+from xmodal.metrics.captions import caption_scores, exact_match
+from xmodal.tasks.data import TrainData, stored_images
+from xmodal.tasks.records import scene_specs
+from xmodal.training.config import ConfigError
+
+TASK = "image-to-text"
+RECIPE_KEYS: dict[str, object] = {}  # [model] keys a recipe reads besides the model's config
+DATA_DEFAULTS: dict[str, object] = {}  # [data] defaults of this task
+
+
+def build(name: str, values: dict, data: TrainData, seed: int):
+    """A complete captioner: its vocabulary from the training captions, `max_len` from `[data]`."""
+    from xmodal.models.registry import create_model
+
+    given = values.get("max_len")
+    if given is not None and given != data.config.max_len:
+        raise ConfigError(f"[model] max_len={given} differs from [data] max_len={data.config.max_len}: "
+                          "the captioner decodes as many words as it trains on; set [data] max_len only")
+    vocab = Vocabulary.build(data.captions(), min_freq=data.config.min_freq)
+    torch.manual_seed(seed)  # same initial weights on every run of this config
+    try:
+        return create_model(name, **{**values, "max_len": data.config.max_len}, vocab=vocab)
+    except ValueError as e:
+        raise ConfigError(f"[model]: {e}") from None
+
+
+def collate(model, data: TrainData) -> CaptionCollate:
+    return CaptionCollate(model.vocab, data.config.max_len, data.config.captions)
+
+
+def measure(pipeline, records: Sequence[dict], images: Sequence, beam: int = 1, meteor: bool = False,
+            batch_size: int = 128) -> dict:
+    """Caption each image (greedy, or beam search with `beam` > 1) and score the captions against
+    the records' references: BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR), plus exact match of the
+    parsed scene when the records carry Shapes scenes. Returns the metrics and the captions."""
+    options = {"method": "beam" if beam > 1 else "greedy", "beam_size": beam}
+    captions = pipeline(list(images), batch_size=batch_size, **options)
+    metrics = caption_scores(captions, [r["captions"] for r in records], meteor=meteor)
+    scenes = scene_specs(records)
+    if scenes is not None:
+        metrics["exact_match"] = exact_match(captions, scenes)
+    return {**metrics, "captions": captions}
+
+
+def evaluator(data: TrainData):
+    """Training-time evaluation: `measure` on the evaluation set (greedy), or None without one."""
+    if data.evaluation is None:
+        return None
+    from xmodal.pipelines import pipeline_for
+
+    records, images = data.evaluation.records, stored_images(data.evaluation)
+
+    def evaluate(model) -> dict:
+        metrics = measure(pipeline_for(model), records, images)
+        return {k: metrics[k] for k in ("bleu4", "cider_d", "exact_match") if k in metrics}
+
+    return evaluate

