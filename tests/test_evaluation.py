@@ -42,6 +42,7 @@ def test_fid_needs_features():
         fid_kid([np.zeros((64, 64, 3), np.uint8)] * 2, [np.zeros((64, 64, 3), np.uint8)] * 2)
 
 
+@pytest.mark.slow
 def test_inception_path_with_local_weights_gives_fid_kid_and_inception_score(tmp_path, monkeypatch):
     """The Inception code path, offline: an InceptionV3 state dict made here stands in for real weights."""
     fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")

@@ -1,9 +1,11 @@
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import xmodal
 from xmodal.cli import main
@@ -141,11 +143,27 @@ def test_generate_cli_json_prompts_file_and_bad_lines(data, tmp_path, capsys):
     assert [(x["prompt"], x["seed"]) for x in lines] == [
         ("a large blue square", 10), ("a large blue square", 11), ("a small red circle", 12),
         ("a small red circle", 13), ("a purple zebra", 14), ("a purple zebra", 15)]
-    assert all((tmp_path / "out").joinpath(x["file"]).exists() or np.asarray(x["file"]) is not None for x in lines)
+    for x in lines:  # every line names a 64 px PNG that was written
+        assert Image.open(x["file"]).size == (64, 64)
     assert "not UTF-8" in captured.err and "'zebra' x1" in captured.err
     code = main(["generate", "a purple zebra", "--model", str(tmp_path / "m"), "--strict", "--out", str(tmp_path / "o2")])
     assert code == 1 and "unknown word" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "m")]) == 2
+
+
+def test_generate_cli_batches_prompts_and_skips_a_bad_one_alone(data, tmp_path, capsys):
+    captions, _ = data
+    tiny("cvae", captions).eval().save_pretrained(tmp_path / "m")
+    prompts = ["a small red circle", "a purple zebra", "a large blue square"]
+    code = main(["generate", *prompts, "--strict", "--model", str(tmp_path / "m"), "--seed", "3", "--batch-size", "8",
+                 "--out", str(tmp_path / "out"), "--json"])
+    out = capsys.readouterr()
+    assert code == 0 and "skipped: prompt 2 'a purple zebra'" in out.err
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    assert [(Path(x["file"]).name, x["seed"]) for x in lines] == [("0000-00-seed3.png", 3), ("0002-00-seed5.png", 5)]
+    alone = xmodal.load(str(tmp_path / "m"))(["a large blue square"], seed=5)[0]  # one prompt, one batch
+    batched = np.asarray(Image.open(lines[1]["file"])).astype(int)
+    assert np.abs(np.asarray(alone).astype(int) - batched).max() <= 1  # same image (float batching noise only)
 
 
 def test_pipeline_api_same_seed_same_images(data, tmp_path):

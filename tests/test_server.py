@@ -98,11 +98,24 @@ def test_caption_upload_and_errors(client):
 
 
 def test_concurrent_captions_are_batched(client):
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda _: client.post("/v1/caption", files={"file": ("a.png", png_bytes(), "image/png")}),
-                                range(16)))
+    batcher = client.app.state.batchers["caption"]
+    run, sizes = batcher.fn, []
+
+    def slow(images):  # hold each batch a moment so that concurrent requests queue behind it
+        sizes.append(len(images))
+        time.sleep(0.2)
+        return run(images)
+
+    batcher.fn = slow
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: client.post("/v1/caption", files={"file": ("a.png", png_bytes(), "image/png")}),
+                                    range(16)))
+    finally:
+        batcher.fn = run
     assert all(r.status_code == 200 for r in results)
     assert len({r.json()["caption"] for r in results}) == 1
+    assert sum(sizes) == 16 and max(sizes) > 1 and len(sizes) <= 8  # queued requests ran together
 
 
 def test_batcher_groups_jobs():
@@ -130,6 +143,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make test installs it when apt can run)")
+@pytest.mark.slow
 def test_web_page_in_real_chromium(model_dirs, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     port = _free_port()

@@ -11,6 +11,7 @@ from xmodal.models.registry import create_model
 from xmodal.tasks.text_encoders import prepare_text_encoder
 
 
+@pytest.mark.slow
 def test_import_is_light():
     import subprocess
     import sys

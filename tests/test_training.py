@@ -59,6 +59,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert steps == list(range(1, 21))  # the lost steps' log lines were dropped, not duplicated
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_to_same_weights(tmp_path):
     cmd = [sys.executable, str(HELPER), "--steps", "40", "--sleep", "0.05"]
     subprocess.run([*cmd, "--out", str(tmp_path / "full")], check=True, capture_output=True)
@@ -74,6 +75,7 @@ def test_killed_process_resumes_to_same_weights(tmp_path):
     assert_same(weights(tmp_path / "full"), weights(tmp_path / "killed"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--dropout", "0", "--steps", "12"]
@@ -126,6 +128,7 @@ def test_resume_refuses_other_batch_size(tmp_path):
         other.resume()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_before_exit(tmp_path):
     proc = subprocess.Popen([sys.executable, str(HELPER), "--steps", "200", "--sleep", "0.05", "--out", str(tmp_path)],
                             stderr=subprocess.DEVNULL)

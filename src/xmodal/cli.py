@@ -37,7 +37,7 @@ def _options(args: argparse.Namespace):
     from xmodal.models.base import GenerateOptions
 
     return GenerateOptions(steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                           negative=getattr(args, "negative", None)).check()
+                           negative=args.negative).check()
 
 
 def _bar(total: int, desc: str, unit: str, quiet: bool = False):
@@ -292,12 +292,11 @@ def _add_data(sub) -> None:
         p.add_argument("--mode", choices=["copy", "symlink"], default="copy", help="copy images, or link to them")
 
 
-def _add_sampler_options(p, negative: bool = True) -> None:
+def _add_sampler_options(p) -> None:
     p.add_argument("--steps", type=int, help="sampler steps (diffusion models)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (diffusion models)")
     p.add_argument("--sampler", help="ddpm | ddim | dpm (diffusion models)")
-    if negative:
-        p.add_argument("--negative", help="negative prompt (diffusion models)")
+    p.add_argument("--negative", help="negative prompt (diffusion models)")
 
 
 def _add_use(sub) -> None:
@@ -357,7 +356,7 @@ def _add_measure(sub) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
     ev.add_argument("--inception-weights", help="Inception v3 weights file for FID/KID instead of our own features")
-    _add_sampler_options(ev, negative=False)
+    _add_sampler_options(ev)
 
     se = sub.add_parser("search", help="retrieval with a dual encoder: text -> images, or image -> captions")
     se.set_defaults(func=_cmd_search)

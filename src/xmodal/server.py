@@ -92,53 +92,75 @@ class Batcher:
                         j.future.set_exception(e)
 
 
-def create_app(generator: str = "shapes-diffusion", captioner: str = "shapes-captioner",
-               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    import xmodal
-    from xmodal.data.images import ImageLoadError
-    from xmodal.models.base import GenerateOptions
-    from xmodal.models.hub import load_model
-    from xmodal.models.text_encoders import UnknownWordsError
-    from xmodal.pipelines import pipeline_for
-    from xmodal.sheets import png_base64
+class _Service:
+    """The loaded pipelines and their batchers: what every route talks to."""
 
-    app = FastAPI(title="xmodal", description="text -> image and image -> text")
-    gen_pipe = pipeline_for(load_model(generator), "text-to-image")
-    cap_pipe = pipeline_for(load_model(captioner), "image-to-text")
+    def __init__(self, generator: str, captioner: str, max_upload_bytes: int):
+        from xmodal.models.hub import load_model
+        from xmodal.pipelines import pipeline_for
 
-    def run_generate(jobs: list[tuple[GenerateRequest, GenerateOptions]]) -> list:
-        """One model batch for requests with the same options (the batcher's key)."""
+        self.generator, self.captioner, self.max_upload_bytes = generator, captioner, max_upload_bytes
+        self.gen_pipe = pipeline_for(load_model(generator), "text-to-image")
+        self.cap_pipe = pipeline_for(load_model(captioner), "image-to-text")
+        self.gen_batcher = Batcher(self.run_generate, max_batch=8)
+        self.cap_batcher = Batcher(self.run_caption, max_batch=64)
+
+    def run_generate(self, jobs: list) -> list:
+        """One model batch for (request, options) jobs with the same options (the batcher's key)."""
+        from xmodal.sheets import png_base64
+
         prompts, seeds = [], []
         for r, _ in jobs:
             prompts += [r.prompt] * r.n
             seeds += [r.seed + k for k in range(r.n)]
-        images = gen_pipe.render(prompts, seeds, jobs[0][1])
+        images = self.gen_pipe.render(prompts, seeds, jobs[0][1])
         out, i = [], 0
         for r, _ in jobs:
             out.append([{"seed": s, "png_base64": png_base64(im)} for s, im in zip(seeds[i:i + r.n], images[i:i + r.n])])
             i += r.n
         return out
 
-    def run_caption(images: list) -> list[str]:
-        return cap_pipe(images, batch_size=64)
+    def run_caption(self, images: list) -> list[str]:
+        return self.cap_pipe(images, batch_size=64)
 
-    gen_batcher = Batcher(run_generate, max_batch=8)
-    cap_batcher = Batcher(run_caption, max_batch=64)
-    app.state.batchers = {"generate": gen_batcher, "caption": cap_batcher}
+
+def create_app(generator: str = "shapes-diffusion", captioner: str = "shapes-captioner",
+               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    service = _Service(generator, captioner, max_upload_bytes)
+    app = FastAPI(title="xmodal", description="text -> image and image -> text")
+    app.state.batchers = {"generate": service.gen_batcher, "caption": service.cap_batcher}
 
     @app.exception_handler(ValueError)
     async def value_error(_: Request, exc: ValueError):
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
+    _info_routes(app, service)
+    _generate_route(app, service)
+    _caption_route(app, service)
+    return app
+
+
+def _info_routes(app: FastAPI, service: _Service) -> None:
+    import xmodal
+
     @app.get("/healthz")
     def healthz():
-        return {"status": "ok", "generator": gen_pipe.name, "captioner": cap_pipe.name}
+        return {"status": "ok", "generator": service.gen_pipe.name, "captioner": service.cap_pipe.name}
 
     @app.get("/v1/models")
     def models():
-        return {"loaded": {"generator": {"name": generator, "model": gen_pipe.model.registry_name},
-                           "captioner": {"name": captioner, "model": cap_pipe.model.registry_name}},
+        return {"loaded": {"generator": {"name": service.generator, "model": service.gen_pipe.model.registry_name},
+                           "captioner": {"name": service.captioner, "model": service.cap_pipe.model.registry_name}},
                 "bundled": xmodal.list_models()}
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return PAGE.read_text(encoding="utf-8")
+
+
+def _generate_route(app: FastAPI, service: _Service) -> None:
+    from xmodal.models.base import GenerateOptions
+    from xmodal.models.text_encoders import UnknownWordsError
 
     @app.post("/v1/generate")
     async def generate(req: GenerateRequest):
@@ -147,36 +169,34 @@ def create_app(generator: str = "shapes-diffusion", captioner: str = "shapes-cap
         if len(req.prompt) > 500:
             raise HTTPException(400, "prompt is longer than 500 characters")
         try:  # bad options and unknown words are named now, in this request's answer
-            options = gen_pipe.options(GenerateOptions(req.steps, req.guidance, req.sampler, req.negative))
+            options = service.gen_pipe.options(GenerateOptions(req.steps, req.guidance, req.sampler, req.negative))
             if options.negative is not None:
-                gen_pipe.check_prompts([options.negative])
-            caught = gen_pipe.check_prompts([req.prompt])
+                service.gen_pipe.check_prompts([options.negative])
+            caught = service.gen_pipe.check_prompts([req.prompt])
         except (UnknownWordsError, ValueError) as e:
             raise HTTPException(400, str(e)) from None
-        images = await gen_batcher.submit((req, options), key=options)
-        return {"model": generator, "prompt": req.prompt, "images": images, "warnings": caught}
+        images = await service.gen_batcher.submit((req, options), key=options)
+        return {"model": service.generator, "prompt": req.prompt, "images": images, "warnings": caught}
+
+
+def _caption_route(app: FastAPI, service: _Service) -> None:
+    from xmodal.data.images import ImageLoadError
 
     @app.post("/v1/caption")
     async def caption(file: UploadFile = File(...)):
         data = bytearray()
         while chunk := await file.read(1 << 16):
             data += chunk
-            if len(data) > max_upload_bytes:
-                raise HTTPException(413, f"upload is larger than {max_upload_bytes} bytes")
+            if len(data) > service.max_upload_bytes:
+                raise HTTPException(413, f"upload is larger than {service.max_upload_bytes} bytes")
         if not data:
             raise HTTPException(400, "the uploaded file is empty")
         try:
             image = await run_in_threadpool(_decode_image, bytes(data), file.filename or "upload")
         except ImageLoadError as e:
             raise HTTPException(400, str(e)) from None
-        text = await cap_batcher.submit(image)
-        return {"caption": text, "model": captioner}
-
-    @app.get("/", response_class=HTMLResponse)
-    def index():
-        return PAGE.read_text(encoding="utf-8")
-
-    return app
+        text = await service.cap_batcher.submit(image)
+        return {"caption": text, "model": service.captioner}
 
 
 def _decode_image(data: bytes, name: str):

@@ -47,7 +47,9 @@ def fid_kid(real: list[np.ndarray], fake: list[np.ndarray], extractor: torch.nn.
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W) uint8
         for metric in (fid, kid):
             metric.update(batch, real=is_real)
-    kid_mean, kid_std = kid.compute()
+    with torch.random.fork_rng():  # KID averages over random subsets: the same sets give the same KID
+        torch.manual_seed(0)
+        kid_mean, kid_std = kid.compute()
     result = {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
     if inception_weights:  # Inception Score needs Inception's class logits: only with its weights
         from torchmetrics.image.inception import InceptionScore

@@ -33,7 +33,7 @@ def register_model(name: str):
     def decorator(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"model name {name!r} is already registered to {_REGISTRY[name].__name__}")
-        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+        if not dataclasses.is_dataclass(vars(cls).get("config_class")):
             raise TypeError(f"{cls.__name__} needs a dataclass `config_class` to be registered")
         cls.registry_name = name
         _REGISTRY[name] = cls

@@ -1,6 +1,7 @@
 """One training loop for every model.
 
-A model plugs in with one method, `loss(batch) -> loss` or `(loss, {name: value})`.
+A model plugs in with `loss(batch) -> (loss, {name: value})` (`xmodal.models.base`), plus
+`param_groups()` and `on_train_step(step)`, which `PretrainedModel` provides.
 The loop brings: CPU or CUDA, bf16 autocast, gradient clipping, EMA weights,
 atomic checkpoints every N steps, exact resume (step, optimizer, EMA and RNG
 state; the data order is a function of the step), a progress bar, a JSONL
@@ -380,21 +381,63 @@ class Trainer:
         if stop.item():
             raise EarlyStopped
 
+    def _data_parallel(self) -> nn.Module:
+        module = _LossModule(self.model)
+        if self.dist.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        return module
+
+    def _loader(self) -> DataLoader:
+        c = self.config
+        sampler = StepBatchSampler(len(self.dataset), c.batch_size, c.seed, self.step, c.steps, self.dist)
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                          num_workers=c.num_workers, persistent_workers=False,
+                          # its own generator: creating the iterator must not draw from the global RNG
+                          generator=torch.Generator().manual_seed(c.seed + self.step))
+
+    def _optimizer_step(self, module: nn.Module, batch) -> tuple[float, torch.Tensor, dict]:
+        """One step on one batch: (lr, loss, logged terms)."""
+        c = self.config
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        batch = move_to(batch, self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
+            out = module(batch)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+            raise TypeError(f"{type(self.model).__name__}.loss must return (loss, logs dict); got {type(out).__name__}")
+        loss, metrics = out
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower train.lr or enable grad_clip")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.model.on_train_step(self.step + 1)
+        if self.ema is not None:
+            self._update_ema()
+        self.step += 1
+        return lr, loss, metrics
+
+    def _log_running(self, running: dict[str, float], lr: float, start_time: float, bar) -> None:
+        c = self.config
+        n = c.log_every if self.step % c.log_every == 0 else (self.step % c.log_every)
+        entry = {"step": self.step, "lr": lr, "elapsed_s": round(time.perf_counter() - start_time, 3),
+                 **{k: v / n for k, v in running.items()}}
+        running.clear()
+        self._log(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.4f}")
+
     def train(self) -> dict:
         c = self.config
         if self.step == 0:
             torch.manual_seed(c.seed + self.dist.rank)
             np.random.seed(c.seed + self.dist.rank)
             random.seed(c.seed + self.dist.rank)
-        module = _LossModule(self.model)
-        if self.dist.world > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-        sampler = StepBatchSampler(len(self.dataset), c.batch_size, c.seed, self.step, c.steps, self.dist)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                            num_workers=c.num_workers, persistent_workers=False,
-                            # its own generator: creating the iterator must not draw from the global RNG
-                            generator=torch.Generator().manual_seed(c.seed + self.step))
+        module = self._data_parallel()
+        loader = self._loader()
         self.model.train()
         start_time, start_step = time.perf_counter(), self.step
         bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step",
@@ -404,36 +447,11 @@ class Trainer:
         previous = _stop_on_sigterm()
         try:
             for batch in loader:
-                lr = self.lr_at(self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                batch = move_to(batch, self.device)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
-                    out = module(batch)
-                if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
-                    raise TypeError(f"{type(self.model).__name__}.loss must return (loss, logs dict); "
-                                    f"got {type(out).__name__}")
-                loss, metrics = out
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower train.lr or enable grad_clip")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if c.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                self.optimizer.step()
-                self.model.on_train_step(self.step + 1)
-                if self.ema is not None:
-                    self._update_ema()
-                self.step += 1
+                lr, loss, metrics = self._optimizer_step(module, batch)
                 for k, v in {"loss": loss.detach(), **metrics}.items():
                     running[k] = running.get(k, 0.0) + float(v)
                 if self.step % c.log_every == 0 or self.step == c.steps:
-                    n = c.log_every if self.step % c.log_every == 0 else (self.step % c.log_every)
-                    entry = {"step": self.step, "lr": lr, "elapsed_s": round(time.perf_counter() - start_time, 3),
-                             **{k: v / n for k, v in running.items()}}
-                    running = {}
-                    self._log(entry)
-                    bar.set_postfix(loss=f"{entry['loss']:.4f}")
+                    self._log_running(running, lr, start_time, bar)
                 bar.update(1)
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
                     self.save_checkpoint()
@@ -450,9 +468,14 @@ class Trainer:
             _restore_sigterm(previous)
         bar.close()
         self.save_checkpoint()
-        summary = {"steps": self.step, "stopped_early": stopped_early,
-                   "seconds": round(time.perf_counter() - start_time, 2),
-                   "steps_per_s": round((self.step - start_step) / max(time.perf_counter() - start_time, 1e-9), 3)}
+        return self._finish(stopped_early, start_time, start_step)
+
+    def _finish(self, stopped_early: bool, start_time: float, start_step: int) -> dict:
+        """The run's summary; the main process exports the model folder (the best one, with early stopping)."""
+        c = self.config
+        seconds = max(time.perf_counter() - start_time, 1e-9)
+        summary = {"steps": self.step, "stopped_early": stopped_early, "seconds": round(seconds, 2),
+                   "steps_per_s": round((self.step - start_step) / seconds, 3)}
         if self.dist.main:
             final, best = self.out_dir / "model", self.out_dir / "best"
             if c.early_stop_metric and best.is_dir():  # the exported model is the best evaluated one
