@@ -22,26 +22,7 @@ import time
 import xmodal
 from xmodal.data.shapes import ShapesDataset
 from xmodal.tasks import alignment
-from xmodal.tasks.records import scene_specs
-
-
-def pools(split: str, count: int, distinct: bool):
-    """(data set, scene of each item, `count` pools of 100 indices into the data set)."""
-    data = ShapesDataset(split, 100 * count * (3 if distinct else 1), seed=95)
-    keys = scene_specs(data.records)
-    if not distinct:
-        return data, keys, [list(range(p * 100, p * 100 + 100)) for p in range(count)]
-    out, pool, seen = [], [], set()
-    for i, key in enumerate(keys):
-        if key not in seen:
-            pool.append(i)
-            seen.add(key)
-        if len(pool) == 100:
-            out.append(pool)
-            pool, seen = [], set()
-            if len(out) == count:
-                break
-    return data, keys, out
+from xmodal.tasks.data import stored_images
 
 
 def main() -> None:
@@ -53,15 +34,10 @@ def main() -> None:
     result = {"model": args.model, "pool": 100, "pools": args.pools}
     for split in ("test", "novel"):
         for kind in ("distinct", "random"):
-            data, keys, groups = pools(split, args.pools, kind == "distinct")
-            scores, ceilings = [], []
+            data = ShapesDataset(split, 100 * args.pools * (3 if kind == "distinct" else 1), seed=95, cache=True)
             start = time.perf_counter()
-            for idx in groups:
-                records = [data.item(i)[0] for i in idx]
-                scores.append(alignment.measure(pipe, records, [data.image(i) for i in idx]))
-                ceilings.append(sum(1 / sum(keys[j] == keys[i] for j in idx) for i in idx) / len(idx))
-            entry = {k: round(sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
-            entry["ceiling"] = round(sum(ceilings) / len(ceilings), 4)
+            entry = alignment.measure_pools(pipe, data.records, stored_images(data), 100, args.pools, kind == "distinct")
+            entry = {k: round(v, 4) for k, v in entry.items() if k != "pools"}
             entry["seconds"] = round(time.perf_counter() - start, 2)
             result[f"{split}_{kind}"] = entry
     print(json.dumps(result))

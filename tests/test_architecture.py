@@ -20,13 +20,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "xmodal"
 # Layers, lowest first: a module may import only modules of its own layer or below.
 LAYERS = [
     ("base", ["xmodal._version", "xmodal.worlds", "xmodal.data", "xmodal.metrics", "xmodal.sheets", "xmodal.viz",
-              "xmodal.training.config", "xmodal.training.plots"]),
+              "xmodal.training.config", "xmodal.training.plots", "xmodal.training.loop"]),
     ("encoders/layers", ["xmodal.models.base", "xmodal.models.registry", "xmodal.models.text_encoders",
                          "xmodal.models.image_encoders", "xmodal.models.layout", "xmodal.models.decoding"]),
     ("models", ["xmodal.models"]),
     ("pipelines", ["xmodal.pipelines"]),
     ("tasks", ["xmodal.tasks"]),
-    ("training", ["xmodal.training"]),
+    ("training recipes", ["xmodal.training"]),
     ("surfaces", ["xmodal.api", "xmodal.cli", "xmodal.server", "xmodal.evaluation", "xmodal.search",
                   "xmodal.reports", "xmodal.__main__", "xmodal"]),
 ]
@@ -174,7 +174,7 @@ def test_registered_model_builds_trains_saves_and_loads_the_same(name, shapes, t
 def test_prepared_parts_decide_their_config_fields(shapes):
     items, captions = shapes
     vocab = Vocabulary.build(captions)
-    with pytest.raises(ValueError, match=r"vocab_size=99 given, but the vocab given decide vocab_size=\d+"):
+    with pytest.raises(ValueError, match=r"vocab_size=99 given, but the prepared vocab set vocab_size=\d+; leave vocab_size out"):
         create_model("sat-captioner", vocab=vocab, vocab_size=99, **TINY["sat-captioner"])
     encoder, spec = prepare_text_encoder(TINY_TEXT, captions)
     model = create_model("cvae", text_encoder=encoder, **TINY["cvae"])

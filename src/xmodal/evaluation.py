@@ -1,4 +1,4 @@
-"""`xmodal evaluate captioner|generator|cycle`: one command per question, each measured by its
+"""`xmodal evaluate captioner|generator|cycle|retrieval`: one command per question, each measured by its
 task's `measure` (`xmodal.tasks`) and written as `metrics.json` and `report.html` into `--out DIR`."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 from xmodal.data.prepared import read_records
 from xmodal.models.base import GenerateOptions
 from xmodal.reports import attention_html, curve_html, write_report
-from xmodal.tasks import captioning, text_to_image
+from xmodal.tasks import alignment, captioning, text_to_image
 from xmodal.tasks.records import prompts as record_prompts
 from xmodal.tasks.records import record_images
 
@@ -93,3 +93,22 @@ def evaluate_cycle(generator: str, captioner: str, data: str | Path, out: str | 
     labels = [[f"prompt: {prompts[i]}", f"caption: {captions[i]}"] for i in shown]
     return write_report(out, f"Cycle {generator} -> {captioner} on {data}", metrics,
                         [Image.fromarray(images[i]) for i in shown], labels)
+
+
+def evaluate_retrieval(model: str, data: str | Path, out: str | Path, split: str | None = None, limit: int = 0,
+                       pool: int = 100, pools: int = 5, distinct: bool = False, samples: int = 24) -> dict:
+    """Recall@1 both ways among pools of `pool` (image, first caption) pairs, averaged over `pools`."""
+    start = time.perf_counter()
+    pipe = _load(model, alignment.TASK)
+    records = _records(data, split, limit)
+    paths = record_images(records, data)
+    metrics = {"model": str(model), "data": str(data), "images": len(records), "pool": pool, "distinct": distinct,
+               **alignment.measure_pools(pipe, records, paths, pool, pools, distinct),
+               "seconds": round(time.perf_counter() - start, 2)}
+    shown = alignment.pools(records, pool, 1, distinct)[0][:samples]
+    texts = record_prompts([records[i] for i in shown])
+    best = pipe([paths[i] for i in shown], texts).argmax(dim=1).tolist()
+    images = [Image.open(paths[i]).convert("RGB") for i in shown]
+    labels = [[f"caption: {texts[k]}", f"best text in the pool: {texts[b]}"] for k, b in enumerate(best)]
+    return write_report(out, f"Retrieval {model} on {data}", metrics, images, labels)
+

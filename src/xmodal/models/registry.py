@@ -3,9 +3,8 @@
 A model class has a `config_class` (a dataclass) and takes one instance of it, plus the
 prepared parts it names in `parts` (a trained text encoder, a vocabulary, a first stage).
 `create_model(name, **values)` builds a complete model in one call.
-Registration happens when the module defining the class is imported; `_MODULES`
-lists those modules so that `create_model` can find every built-in model
-without importing them all at package import time.
+Registration happens when the module defining the class is imported; the first lookup
+imports every module of `xmodal.models`, so adding a model is adding its file.
 """
 
 from __future__ import annotations
@@ -17,16 +16,17 @@ import typing
 from typing import Any
 
 _REGISTRY: dict[str, type] = {}
-# name -> module that registers it (imported on first use, keeps `import xmodal` light)
-_MODULES: dict[str, str] = {
-    "sat-captioner": "xmodal.models.sat_captioner",
-    "transformer-captioner": "xmodal.models.transformer_captioner",
-    "cvae": "xmodal.models.cvae",
-    "dfgan": "xmodal.models.dfgan",
-    "autoencoder": "xmodal.models.autoencoder",
-    "latent-diffusion": "xmodal.models.diffusion",
-    "clip": "xmodal.models.clip",
-}
+
+
+def _import_models() -> None:
+    """Import every module of `xmodal.models` once: registration happens on import, so a new
+    model file registers itself without being listed anywhere (and `import xmodal` stays light)."""
+    import pkgutil
+    from pathlib import Path
+
+    package = __name__.rpartition(".")[0]  # xmodal.models
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"{package}.{info.name}")
 
 
 def register_model(name: str):
@@ -42,20 +42,14 @@ def register_model(name: str):
     return decorator
 
 
-def _import_builtin(name: str) -> None:
-    module = _MODULES.get(name)
-    if module is not None and name not in _REGISTRY:
-        importlib.import_module(module)
-
-
 def list_registered() -> list[str]:
-    for name in list(_MODULES):
-        _import_builtin(name)
+    _import_models()
     return sorted(_REGISTRY)
 
 
 def get_model_class(name: str) -> type:
-    _import_builtin(name)
+    if name not in _REGISTRY:
+        _import_models()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_registered())}")
     return _REGISTRY[name]
@@ -110,7 +104,7 @@ def create_model(name: str, **values: Any):
     parts = {k: values.pop(k) for k in cls.parts if k in values and cls.is_part(k, values[k])}
     for key, value in cls.config_from_parts(parts).items():
         if key in values and values[key] != value:
-            raise ValueError(f"model {name!r}: {key}={values[key]!r} given, but the {', '.join(parts)} given "
-                             f"decide {key}={value!r}; leave {key} out")
+            raise ValueError(f"model {name!r}: {key}={values[key]!r} given, but the prepared "
+                             f"{' and '.join(parts)} set {key}={value!r}; leave {key} out")
         values[key] = value
     return cls(make_config(cls, values), **parts)

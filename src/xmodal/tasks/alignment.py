@@ -1,4 +1,10 @@
-"""Image-text alignment: a dual encoder trained contrastively, measured by retrieval."""
+"""Image-text alignment: a dual encoder trained contrastively, measured by retrieval.
+
+`measure` is recall@k both ways among a set of (image, text) pairs; `measure_pools` averages
+it over pools of a fixed size (the field's "R@1 among 100 candidates"), optionally pools of
+distinct scenes, where exactly one candidate is right. Training-time evaluation,
+`xmodal evaluate retrieval` and `benchmarks/clip_retrieval.py` call these.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from collections.abc import Sequence
 from xmodal.metrics.retrieval import recall_at_k
 from xmodal.tasks.data import TrainData, stored_images
 from xmodal.tasks.records import prompts as record_prompts
+from xmodal.tasks.records import scene_specs
 from xmodal.tasks.text_to_image import build as _build_with_text_encoder
 from xmodal.tasks.text_to_image import collate as _collate
 
@@ -26,6 +33,38 @@ collate = _collate
 def measure(pipeline, records: Sequence[dict], images: Sequence, k: int = 1) -> dict:
     """Recall@k both ways among all (image, first reference) pairs: pair i matches pair i."""
     return recall_at_k(pipeline(list(images), record_prompts(records)), k=k)
+
+
+def pools(records: Sequence[dict], size: int, count: int, distinct: bool) -> list[list[int]]:
+    """Up to `count` pools of `size` record indices: consecutive records, or (`distinct`) records
+    whose scenes (else first references) differ within the pool, a repeat skipped."""
+    keys = scene_specs(records) or record_prompts(records)
+    out, pool, seen = [], [], set()
+    for i, key in enumerate(keys):
+        if distinct and key in seen:
+            continue
+        pool.append(i)
+        seen.add(key)
+        if len(pool) == size:
+            out.append(pool)
+            pool, seen = [], set()
+            if len(out) == count:
+                break
+    return out
+
+
+def measure_pools(pipeline, records: Sequence[dict], images: Sequence, size: int = 100, count: int = 5,
+                  distinct: bool = False, k: int = 1) -> dict:
+    """`measure` averaged over `pools`; `ceiling` is the best recall@1 any model can reach there
+    (the mean over queries of 1 / copies of its scene in the pool: below 1 where scenes repeat)."""
+    groups = pools(records, size, count, distinct)
+    if not groups:
+        raise ValueError(f"{len(records)} records make no pool of {size}")
+    keys = scene_specs(records) or record_prompts(records)
+    scores = [measure(pipeline, [records[i] for i in idx], [images[i] for i in idx], k) for idx in groups]
+    ceilings = [sum(1 / sum(keys[j] == keys[i] for j in idx) for i in idx) / len(idx) for idx in groups]
+    result = {name: sum(s[name] for s in scores) / len(scores) for name in scores[0]}
+    return {**result, "ceiling": sum(ceilings) / len(ceilings), "pools": len(groups)}
 
 
 def evaluator(data: TrainData):

@@ -4,6 +4,7 @@ evaluation records come from, and how the records are read."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from xmodal.data.boxes import DEFAULT_BOXES
@@ -35,6 +36,7 @@ class TrainData:
     config: DataConfig
     train: object
     evaluation: object | None
+    work_dir: Path | None = None  # the run folder: a text encoder pretrained here checkpoints inside it
 
     def captions(self, choice: str | None = None) -> list[str]:
         """Every training caption (`"first"`: only each image's first)."""

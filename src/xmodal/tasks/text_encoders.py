@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from xmodal.data.text import Vocabulary, tokenize
+from xmodal.models.hub import PretrainedModel
 from xmodal.models.registry import build_config
 from xmodal.models.text_encoders import (
     BertTextEncoder,
@@ -86,11 +87,13 @@ def _resolve_source(source: str) -> str:
 
 
 def prepare_text_encoder(spec: TextEncoderConfig | dict, captions: Sequence[str], seed: int = 0,
-                         log: Callable[[str], None] = print) -> tuple[nn.Module, TextEncoderConfig]:
-    """An encoder ready for training: its config filled from the captions, its weights loaded or trained."""
+                         log: Callable[[str], None] = print,
+                         work_dir: str | Path | None = None) -> tuple[nn.Module, TextEncoderConfig]:
+    """An encoder ready for training: its config filled from the captions, its weights loaded or
+    trained (a BERT pretrained here logs and checkpoints in `work_dir`)."""
     spec = build_config(TextEncoderConfig, spec, "text_encoder") if isinstance(spec, dict) else dataclasses.replace(spec)
     if spec.kind == "bert":
-        return _prepare_bert(spec, captions, seed, log)
+        return _prepare_bert(spec, captions, seed, log, work_dir)
     vocab = Vocabulary.build(captions, min_freq=spec.min_freq)
     spec.words = vocab.words
     if spec.kind == "learned":
@@ -117,10 +120,11 @@ def prepare_text_encoder(spec: TextEncoderConfig | dict, captions: Sequence[str]
     return encoder, spec
 
 
-def _prepare_bert(spec: TextEncoderConfig, captions: Sequence[str], seed: int, log) -> tuple[nn.Module, TextEncoderConfig]:
+def _prepare_bert(spec: TextEncoderConfig, captions: Sequence[str], seed: int, log,
+                  work_dir: str | Path | None) -> tuple[nn.Module, TextEncoderConfig]:
     source = _resolve_source(spec.source)
     if source == "train":
-        return _pretrain_small_bert(spec, captions, seed, log)
+        return _pretrain_small_bert(spec, captions, seed, log, work_dir)
     from transformers import (  # a local checkpoint folder, or a hub id for online users
         AutoModel,
         AutoTokenizer,
@@ -153,35 +157,71 @@ def _wordpiece_tokenizer(captions: Sequence[str], vocab_size: int):
                                    sep_token="[SEP]", mask_token="[MASK]")
 
 
-def _pretrain_small_bert(spec: TextEncoderConfig, captions: Sequence[str], seed: int, log):
-    """A small BERT trained here: a WordPiece tokenizer, then masked-language modelling (15% of the
-    word pieces masked) on the captions, `mlm_steps` steps of 64 captions, logged every 100 steps."""
-    from transformers import BertConfig, BertForMaskedLM
+class MaskedLanguageModel(PretrainedModel):
+    """A BERT with its masked-language-modelling head, for the Trainer. Not registered: what is
+    kept is its encoder, which travels inside the model it conditions."""
+
+    config_class = TextEncoderConfig
+    task = "masked-language-model"
+    registry_name = "masked-language-model"
+
+    def __init__(self, spec: TextEncoderConfig, bert_config):
+        from transformers import BertForMaskedLM
+
+        super().__init__(spec)
+        self.mlm = BertForMaskedLM(bert_config)
+
+    def loss(self, batch):
+        return self.mlm(**batch).loss, {}
+
+
+class MaskCollate:
+    """Captions -> word pieces with 15% of the non-special ones masked (the RNG is torch's, which
+    the Trainer seeds and checkpoints, so a resumed run masks the same)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = torch.tensor(tokenizer.all_special_ids)
+
+    def __call__(self, captions: list[str]) -> dict:
+        batch = self.tokenizer(list(captions), padding=True, return_tensors="pt")
+        labels = batch["input_ids"].clone()
+        masked = (torch.rand(labels.shape) < 0.15) & ~torch.isin(labels, self.special)
+        labels[~masked] = -100
+        return {"input_ids": batch["input_ids"].masked_fill(masked, self.tokenizer.mask_token_id),
+                "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def _pretrain_small_bert(spec: TextEncoderConfig, captions: Sequence[str], seed: int, log,
+                         work_dir: Path | None = None):
+    """A small BERT trained here: a WordPiece tokenizer, then masked-language modelling on the
+    captions by the one Trainer (`mlm_steps` steps of 64 captions (fewer if there are fewer), logged to `work_dir`'s
+    metrics.jsonl and checkpointed there, so a killed run resumes; a temporary folder if None)."""
+    import tempfile
+
+    from transformers import BertConfig
+
+    from xmodal.training.loop import TrainConfig, Trainer
 
     tokenizer = _wordpiece_tokenizer(captions, spec.vocab_size)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
                         num_attention_heads=spec.heads, intermediate_size=4 * spec.hidden,
                         max_position_embeddings=64, pad_token_id=0)
     torch.manual_seed(seed)
-    mlm = BertForMaskedLM(config)
-    optimizer = torch.optim.AdamW(mlm.parameters(), lr=spec.mlm_lr)
-    rng = np.random.default_rng(seed)
-    mlm.train()
-    for step in range(spec.mlm_steps):
-        batch = tokenizer([captions[i] for i in rng.integers(len(captions), size=64)], padding=True, return_tensors="pt")
-        labels = batch["input_ids"].clone()
-        special = (labels == 0) | (labels == 2) | (labels == 3)
-        masked = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(seed + step)) < 0.15) & ~special
-        labels[~masked] = -100
-        inputs = batch["input_ids"].masked_fill(masked, tokenizer.mask_token_id)
-        loss = mlm(input_ids=inputs, attention_mask=batch["attention_mask"], labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % 100 == 0:
-            log(f"bert mlm step {step + 1}/{spec.mlm_steps}: loss {loss.item():.3f}")
+    model = MaskedLanguageModel(spec, config)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(work_dir) if work_dir is not None else Path(tmp)
+        train = TrainConfig(out_dir=str(out_dir), steps=spec.mlm_steps, batch_size=min(64, len(captions)), lr=spec.mlm_lr,
+                            lr_schedule="constant", seed=seed, device="cpu", log_every=100,
+                            checkpoint_every=500, progress=False)
+        trainer = Trainer(model, list(captions), train, collate_fn=MaskCollate(tokenizer),
+                          save_model=lambda m, folder: None)
+        if trainer.resume():
+            log(f"bert mlm: resuming from {trainer.checkpoint_path} at step {trainer.step}")
+        summary = trainer.train()
+    log(f"bert mlm: {summary['steps']} steps in {summary['seconds']} s")
     spec.bert_config = json.loads(config.to_json_string())
     encoder = BertTextEncoder(spec)
-    encoder.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+    encoder.bert.load_state_dict(model.mlm.bert.state_dict(), strict=False)
     encoder.tokenizer = tokenizer
     return encoder, spec

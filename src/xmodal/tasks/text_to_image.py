@@ -41,7 +41,8 @@ def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path:
     spec = values.pop("text_encoder", get_model_class(name).config_class().text_encoder)
     try:
         encoder, _ = prepare_text_encoder(spec, data.captions("random"), seed=seed,
-                                          log=lambda m: print(m, file=sys.stderr))
+                                          log=lambda m: print(m, file=sys.stderr),
+                                          work_dir=data.work_dir / "text_encoder" if data.work_dir else None)
     except ValueError as e:
         raise ConfigError(f"[model] text_encoder: {e}") from None
     parts = {"text_encoder": encoder}

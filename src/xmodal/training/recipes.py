@@ -96,6 +96,7 @@ def run_training(config_path: str | Path, overrides: list[str] | None = None, re
     train_cfg = build_dataclass(TrainConfig, config.get("train", {}), "train")
     preset = values.get("image_preset", get_model_class(name).config_class.image_preset)
     data = load_data(data_cfg, preset)
+    data.work_dir = Path(train_cfg.out_dir)
     model = task.build(name, values, data, train_cfg.seed, **recipe)
     evaluate = task.evaluator(data)
     trainer = Trainer(model, data.train, train_cfg, collate_fn=task.collate(model, data), evaluate=evaluate)
