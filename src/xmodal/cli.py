@@ -50,19 +50,25 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.source == "shapes":
         from xmodal.data.shapes import write_shapes
 
-        stats = write_shapes(args.out, args.split, args.count, args.seed, args.size, progress=not args.quiet)
+        stats = write_shapes(args.out, args.split, args.count, args.seed, args.size, progress=not args.quiet,
+                             overwrite=args.overwrite)
         print(json.dumps({"out": str(args.out), "split": args.split, **{k: round(v, 3) for k, v in stats.items()}}))
         return 0
     from xmodal.data import importers as imp
     from xmodal.data.prepared import ImportReport
 
     report = ImportReport(args.source)
-    readers = {"coco": lambda: imp.coco_items(args.annotations, args.images, report, args.split),
-               "karpathy": lambda: imp.karpathy_items(args.json, args.images, report),
-               "flickr": lambda: imp.flickr_items(args.token, args.images, report, args.split),
-               "folder": lambda: imp.folder_items(args.captions, args.images, report)}
+    readers = {"coco": lambda: imp.coco_items(args.source_file, args.images, report, args.split),
+               "karpathy": lambda: imp.karpathy_items(args.source_file, args.images, report),
+               "flickr": lambda: imp.flickr_items(args.source_file, args.images, report, args.split),
+               "folder": lambda: imp.folder_items(args.source_file, args.images, report)}
     items = readers[args.source]()
-    imp.write_items(items, args.out, report, mode=args.mode, total=len(items))
+    try:
+        imp.write_items(items, args.out, report, mode=args.mode, total=len(items), images=args.images,
+                        overwrite=args.overwrite, follow_symlinks=args.follow_symlinks, sources=(args.source_file,))
+    except imp.NothingImportedError as e:
+        print(f"xmodal data {args.source}: {e}", file=sys.stderr)
+        return 1
     print(report.summary(), file=sys.stderr)
     print(json.dumps({"out": str(args.out), "written": report.written,
                       "problems": {k: v["count"] for k, v in report.problems.items()}}))
@@ -287,6 +293,7 @@ def _add_data(sub) -> None:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--size", type=int, default=64)
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
+    shapes.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
     sources = {"coco": ("COCO captions JSON", "--annotations", "captions_*.json"),
                "karpathy": ("Karpathy split JSON", "--json", "dataset_coco.json / dataset_flickr30k.json"),
                "flickr": ("Flickr .token file", "--token", "results_20130124.token / Flickr8k.token.txt"),
@@ -294,12 +301,15 @@ def _add_data(sub) -> None:
                           ".jsonl, .csv or .tsv with image and caption columns")}
     for name, (what, flag, file_help) in sources.items():
         p = dsub.add_parser(name, help=f"import {what}")
-        p.add_argument(flag, type=Path, required=True, help=file_help)
+        p.add_argument(flag, dest="source_file", type=Path, required=True, help=file_help)
         p.add_argument("--images", type=Path, required=True, help="folder the image paths are relative to")
         p.add_argument("out", type=Path)
         if name in ("coco", "flickr"):
             p.add_argument("--split", default="train", help="split recorded for every image")
         p.add_argument("--mode", choices=["copy", "symlink"], default="copy", help="copy images, or link to them")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+        p.add_argument("--follow-symlinks", action="store_true",
+                       help="accept symlinks inside --images that point outside it")
 
 
 def _add_sampler_options(p) -> None:

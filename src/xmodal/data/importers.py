@@ -8,8 +8,13 @@ for bad input are the same everywhere and are written into `import_report.json`:
 - a duplicate image id (COCO `images[].id`, Karpathy filename): the first entry is kept;
 - a duplicate caption id (COCO `annotations[].id`, Flickr `file#k`): the first is kept;
 - a caption for an image the source does not list: dropped;
-- a malformed line (JSONL/CSV/.token): skipped.
+- a malformed line (JSONL/CSV/.token): skipped;
+- a line that is not UTF-8 text: skipped, with its line number and what it reads as in cp1252;
+- an image name that leaves the image folder (absolute, `..`, or a symlink pointing out, unless
+  `--follow-symlinks`): skipped, and the file is never opened.
 Nothing is lost silently: every skip is counted, with the first examples, in the report.
+Nothing outside OUT is written, no source file is changed, OUT must be new or empty unless
+`--overwrite`, and an import with no record left exits non-zero and writes nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from xmodal.data.images import check_image
-from xmodal.data.prepared import ImportReport, RecordWriter
+from xmodal.data.prepared import ImportReport, RecordWriter, staged_folder
 
 LinkMode = Literal["copy", "symlink"]
 
@@ -56,40 +61,90 @@ def _load_json(path: Path, what: str) -> dict:
     return data
 
 
-def write_items(items: Iterable[SourceItem], out: str | Path, report: ImportReport,
-                mode: LinkMode = "copy", total: int | None = None) -> ImportReport:
-    """Check, copy (or link) and record each item; the shared half of every importer."""
-    out = Path(out)
+class NothingImportedError(ValueError):
+    """An import whose every record was skipped: nothing is written."""
+
+
+def safe_name(name: str) -> str | None:
+    """`name` as a relative POSIX path inside the image folder, or None when it would leave it
+    (absolute, a drive, or a `..` part)."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
+        return None
+    parts = [p for p in parts if p not in ("", ".")]
+    return "/".join(parts) or None
+
+
+def _source(item: SourceItem, root: Path, follow_symlinks: bool) -> tuple[Path | None, str]:
+    """The item's file inside `root` (resolved), or (None, the reason it is refused)."""
+    name = safe_name(item.name)
+    if name is None:
+        return None, "path outside the image folder"
+    path = root / name
+    if not follow_symlinks and not path.resolve().is_relative_to(root.resolve()):
+        return None, "symlink leaving the image folder"
+    return path, ""
+
+
+def write_items(items: Iterable[SourceItem], out: str | Path, report: ImportReport, mode: LinkMode = "copy",
+                total: int | None = None, images: str | Path | None = None, overwrite: bool = False,
+                follow_symlinks: bool = False, sources: tuple[Path, ...] = ()) -> ImportReport:
+    """Check, copy (or link) and record each item; the shared half of every importer.
+
+    Every image must resolve inside `images` (the source image folder): absolute names, `..`
+    escapes and (unless `follow_symlinks`) symlinks that leave it are refused and counted.
+    Nothing outside OUT is written and no source file is touched: the data set is written to a
+    temporary folder that becomes OUT when complete (see `staged_folder`). Raises
+    NothingImportedError (after counting why) when no record is left."""
     if mode not in ("copy", "symlink"):
         raise ValueError(f"mode {mode!r} is not one of ('copy', 'symlink')")
-    with RecordWriter(out) as writer:
+    items = list(items)
+    root = Path(images) if images is not None else Path(os.path.commonpath([str(i.path.parent) for i in items] or ["."]))
+    with staged_folder(out, overwrite, keep_out=(root, *sources)) as folder, RecordWriter(folder) as writer:
         for item in tqdm(items, total=total, desc=f"import {report.source}", unit="img", leave=False):
-            captions = []
-            for c in item.captions:
-                if isinstance(c, str) and c.strip():
-                    captions.append(" ".join(c.split()))
-                else:
-                    report.add("empty caption", item.name, "caption dropped")
-            if not captions:
-                report.add("image without captions", item.name, "image skipped")
-                continue
-            problem = check_image(item.path)
-            if problem is not None:
-                kind = "missing image" if "no such file" in problem else "unreadable image"
-                report.add(kind, item.name, "image skipped")
-                continue
-            target = out / "images" / item.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists() or target.is_symlink():
-                target.unlink()
-            if mode == "symlink":
-                os.symlink(item.path.resolve(), target)
-            else:
-                shutil.copyfile(item.path, target)
-            writer.write({"image": f"images/{item.name}", "captions": captions, "split": item.split, **item.extra})
+            record = _import_item(item, root, folder, mode, follow_symlinks, report)
+            if record is not None:
+                writer.write(record)
         report.written = writer.count
-    report.save(out)
+        if writer.count == 0:
+            raise NothingImportedError(f"no image could be imported ({len(items)} in the source); nothing written\n"
+                                       + report.summary())
+        report.save(folder)
     return report
+
+
+def _import_item(item: SourceItem, root: Path, folder: Path, mode: LinkMode, follow_symlinks: bool,
+                 report: ImportReport) -> dict | None:
+    """One item's record, its image copied or linked into `folder`; None (counted) when skipped."""
+    captions = []
+    for c in item.captions:
+        if isinstance(c, str) and c.strip():
+            captions.append(" ".join(c.split()))
+        else:
+            report.add("empty caption", item.name, "caption dropped")
+    if not captions:
+        report.add("image without captions", item.name, "image skipped")
+        return None
+    path, refused = _source(item, root, follow_symlinks)
+    if path is None:
+        report.add(refused, item.name, "image skipped (nothing read)")
+        return None
+    problem = check_image(path)
+    if problem is not None:
+        report.add("missing image" if "no such file" in problem else "unreadable image", item.name, "image skipped")
+        return None
+    name = safe_name(item.name)
+    target = folder / "images" / name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "symlink":
+            os.symlink(path.resolve(), target)
+        else:
+            shutil.copyfile(path, target)
+    except OSError as e:
+        report.add("unwritable image name", f"{item.name}: {e.strerror}", "image skipped")
+        return None
+    return {"image": f"images/{name}", "captions": captions, "split": item.split, **item.extra}
 
 
 # ----------------------------------------------------------------------------- COCO
@@ -167,22 +222,21 @@ def flickr_items(token_file: str | Path, images: str | Path, report: ImportRepor
         raise ImportFormatError(f"{path}: no such file")
     items: dict = {}
     seen = set()
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            key, sep, caption = line.partition("\t")
-            name, hash_sign, k = key.partition("#")
-            if not sep or not hash_sign or not name:
-                report.add("malformed line", f"line {line_no}", "line skipped")
-                continue
-            if key in seen:
-                report.add("duplicate caption id", key, "first caption kept")
-                continue
-            seen.add(key)
-            item = items.setdefault(name, SourceItem(Path(images) / name, name, [], split, {"source": "flickr"}))
-            item.captions.append(caption)
+    for line_no, line in text_lines(path, report):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        key, sep, caption = line.partition("\t")
+        name, hash_sign, k = key.partition("#")
+        if not sep or not hash_sign or not name:
+            report.add("malformed line", f"line {line_no}", "line skipped")
+            continue
+        if key in seen:
+            report.add("duplicate caption id", key, "first caption kept")
+            continue
+        seen.add(key)
+        item = items.setdefault(name, SourceItem(Path(images) / name, name, [], split, {"source": "flickr"}))
+        item.captions.append(caption)
     return list(items.values())
 
 
@@ -192,31 +246,40 @@ _IMAGE_KEYS = ("image", "file", "file_name", "filename", "image_name", "path")
 _CAPTION_KEYS = ("captions", "caption", "text", "comment")
 
 
+def text_lines(path: Path, report: ImportReport) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is skipped and counted with
+    its number and how it reads as cp1252 (the usual culprit), never silently altered."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError:
+                guess = raw.decode("cp1252", errors="replace").strip()[:60]
+                report.add("undecodable text", f"line {line_no}: {guess!r} if cp1252", "line skipped (not UTF-8)")
+
+
 def _rows(captions_file: Path, report: ImportReport) -> Iterator[dict]:
-    if captions_file.suffix.lower() == ".jsonl":
-        with captions_file.open(encoding="utf-8", errors="replace") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    report.add("malformed line", f"line {line_no}", "line skipped")
-                    continue
-                if not isinstance(row, dict):
-                    report.add("malformed line", f"line {line_no}", "line skipped")
-                    continue
-                yield row
-    elif captions_file.suffix.lower() in (".csv", ".tsv"):
-        with captions_file.open(encoding="utf-8", errors="replace", newline="") as f:
-            sample = f.read(4096)
-            f.seek(0)
-            delimiter = "\t" if captions_file.suffix.lower() == ".tsv" else (
-                "|" if sample.count("|") > sample.count(",") else ",")
-            reader = csv.DictReader(f, delimiter=delimiter, skipinitialspace=True)
-            if reader.fieldnames:
-                reader.fieldnames = [h.strip() for h in reader.fieldnames]
-            yield from reader
+    suffix = captions_file.suffix.lower()
+    if suffix == ".jsonl":
+        for line_no, line in text_lines(captions_file, report):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                report.add("malformed line", f"line {line_no}", "line skipped")
+                continue
+            yield row
+    elif suffix in (".csv", ".tsv"):
+        lines = [line for _, line in text_lines(captions_file, report)]
+        sample = "".join(lines[:50])
+        delimiter = "\t" if suffix == ".tsv" else ("|" if sample.count("|") > sample.count(",") else ",")
+        reader = csv.DictReader(lines, delimiter=delimiter, skipinitialspace=True)
+        if reader.fieldnames:
+            reader.fieldnames = [h.strip() for h in reader.fieldnames]
+        yield from reader
     else:
         raise ImportFormatError(f"{captions_file}: captions must be a .jsonl, .csv or .tsv file")
 

@@ -14,7 +14,10 @@ Every source (Shapes, COCO, Karpathy, Flickr, a folder) is converted into it onc
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,38 @@ def read_records(folder: str | Path, split: str | None = None) -> list[dict]:
     if split is not None and not records:
         raise DataFormatError(f"{path}: no records with split {split!r}")
     return records
+
+
+@contextmanager
+def staged_folder(out: str | Path, overwrite: bool = False, keep_out: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """A temporary folder beside `out` that becomes `out` only when the block succeeds: a failed
+    or interrupted write leaves no half data set. `out` must be new or empty unless `overwrite`
+    (then the old folder is replaced only after the new one is complete); `keep_out` are source
+    paths that `out` must not contain or be (an import never replaces its own sources)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out}: not empty; give a new folder, or --overwrite to replace it")
+        for source in keep_out:
+            if source.resolve().is_relative_to(out.resolve()):
+                raise ValueError(f"{out}: holds the source {source}; --overwrite would delete it")
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        partial.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        partial.rename(out)
 
 
 class RecordWriter:

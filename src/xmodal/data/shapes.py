@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from xmodal.data.prepared import RecordWriter
+from xmodal.data.prepared import RecordWriter, staged_folder
 from xmodal.worlds.shapes import SPLITS, Split, render, sample_scene, scene_seed
 
 
@@ -34,18 +34,18 @@ def _record(index: int, split: Split, base_seed: int, size: int) -> tuple[dict, 
 
 
 def write_shapes(out: str | Path, split: Split, count: int, seed: int = 0, size: int = 64,
-                 progress: bool = True) -> dict:
-    """Write `count` Shapes images and their captions; returns {'count', 'seconds', 'images_per_s'}."""
+                 progress: bool = True, overwrite: bool = False) -> dict:
+    """Write `count` Shapes images and their captions into a new (or empty, or with `overwrite`
+    replaced) folder; returns {'count', 'seconds', 'images_per_s'}."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    out = Path(out)
     start = time.perf_counter()
-    with RecordWriter(out) as writer:
+    with staged_folder(out, overwrite) as folder, RecordWriter(folder) as writer:
         for i in tqdm(range(count), desc=f"shapes {split}", unit="img", disable=not progress):
             record, pixels = shapes_record(i, split, seed, size)
-            Image.fromarray(pixels).save(out / record["image"], compress_level=1)
+            Image.fromarray(pixels).save(folder / record["image"], compress_level=1)
             writer.write(record)
     seconds = time.perf_counter() - start
     return {"count": count, "seconds": seconds, "images_per_s": count / seconds}
