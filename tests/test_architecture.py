@@ -19,8 +19,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "xmodal"
 
 # Layers, lowest first: a module may import only modules of its own layer or below.
 LAYERS = [
-    ("base", ["xmodal._version", "xmodal.worlds", "xmodal.data", "xmodal.metrics", "xmodal.sheets", "xmodal.viz",
-              "xmodal.training.config", "xmodal.training.plots", "xmodal.training.loop"]),
+    ("base", ["xmodal._version", "xmodal.typed_config", "xmodal.worlds", "xmodal.data", "xmodal.metrics", "xmodal.sheets", "xmodal.viz",
+              "xmodal.training.config", "xmodal.training.plots", "xmodal.training.loop",
+              "xmodal.training.checkpoints"]),
     ("encoders/layers", ["xmodal.models.base", "xmodal.models.registry", "xmodal.models.text_encoders",
                          "xmodal.models.image_encoders", "xmodal.models.layout", "xmodal.models.decoding"]),
     ("models", ["xmodal.models"]),
@@ -49,6 +50,13 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _imported(node: ast.ImportFrom, name: str, root: Path) -> str:
+    """`from a.b import c`: the module a.b.c when c is a module of the package, else a.b."""
+    sub = f"{node.module}.{name}"
+    relative = Path(*sub.split(".")[1:])
+    return sub if (root / relative).with_suffix(".py").is_file() or (root / relative).is_dir() else node.module
+
+
 def upward_imports(root: Path) -> list[str]:
     """Every import (at any depth, lazy ones included) of a module from a higher layer."""
     found = []
@@ -56,7 +64,8 @@ def upward_imports(root: Path) -> list[str]:
         here = module_name(path, root)
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+                [_imported(node, a.name, root) for a in node.names] \
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
             for name in names:
                 if (name == "xmodal" or name.startswith("xmodal.")) and layer_of(name) > layer_of(here):
                     found.append(f"{here} ({LAYERS[layer_of(here)][0]}) imports {name} "

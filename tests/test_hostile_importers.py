@@ -4,6 +4,7 @@ file changes, every refusal is counted, and a failed import leaves no half data 
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -26,7 +27,7 @@ def snapshot(root, skip):
         for f in files:
             p = os.path.join(dirpath, f)
             link = os.path.islink(p)
-            data = os.readlink(p).encode() if link else open(p, "rb").read()
+            data = os.readlink(p).encode() if link else Path(p).read_bytes()
             out[p] = (link, hashlib.sha1(data).hexdigest())
     return out
 

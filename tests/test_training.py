@@ -40,6 +40,45 @@ def test_loss_falls_and_logs(tmp_path):
     assert (tmp_path / "model" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_checkpoint_is_detected_and_resume_falls_back(tmp_path, damage, capsys):
+    make_trainer(tmp_path / "full").train()
+
+    def crash(step):
+        if step == 17:
+            raise RuntimeError("simulated crash")
+
+    run = make_trainer(tmp_path / "run")
+    run.on_step = crash
+    with pytest.raises(RuntimeError):
+        run.train()
+    names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint*.pt"))
+    assert names == ["checkpoint-1.pt", "checkpoint-2.pt", "checkpoint.pt"]  # steps 15, 10, 5
+    newest = tmp_path / "run" / "checkpoint.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "flip":  # 300 bytes in the middle of the file, where the tensors are
+        middle = len(data) // 2
+        data[middle:middle + 300] = bytes(b ^ 0xFF for b in data[middle:middle + 300])
+    else:
+        data = data[: len(data) // 3]
+    newest.write_bytes(bytes(data))
+    resumed = make_trainer(tmp_path / "run", init_seed=99)
+    assert resumed.resume() and resumed.step == 10 and resumed.resumed_from.name == "checkpoint-1.pt"
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is unusable: checksum mismatch" in err and "resuming from checkpoint-1.pt (step 10)" in err
+    assert (tmp_path / "run" / "checkpoint.pt.damaged").is_file()
+    resumed.train()
+    assert_same(weights(tmp_path / "full"), weights(tmp_path / "run"))  # exact resume from the older one
+
+
+def test_no_intact_checkpoint_is_an_error(tmp_path):
+    make_trainer(tmp_path / "run", steps=5).train()
+    for p in (tmp_path / "run").glob("checkpoint*.pt"):
+        p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        make_trainer(tmp_path / "run", steps=5).resume()
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     make_trainer(tmp_path / "full", ema=0.9).train()
 

@@ -7,7 +7,9 @@ work happens in pipelines, tasks and the data package.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -159,6 +161,16 @@ def _checked_prompts(pipe, prompts: list[str], strict: bool) -> list[int]:
     return good
 
 
+MAX_IMAGES_PER_PROMPT = 100_000
+
+
+def _save_png(image, path: Path) -> None:
+    """Write then rename: a killed run leaves whole files only (so --skip-existing can trust them)."""
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     prompts, unreadable = list(args.prompts), 0
     if args.prompts_file:
@@ -166,22 +178,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompts += more
     if not prompts:
         raise ValueError("no prompts: give PROMPT arguments or --prompts-file FILE")
+    if not 1 <= args.n <= MAX_IMAGES_PER_PROMPT:
+        raise ValueError(f"-n must be in 1..{MAX_IMAGES_PER_PROMPT}, got {args.n}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     pipe = _load(args.model, "text-to-image")
     options = pipe.options(_options(args))
     good = _checked_prompts(pipe, prompts, args.strict)
     args.out.mkdir(parents=True, exist_ok=True)
-    if good:  # every good prompt in shared batches; prompt i's images use seeds seed + i*n + j
-        bar = _bar(len(good) * args.n, "generate", "img")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # reported per prompt above
-            results = pipe.generate([prompts[i] for i in good], n=args.n, seeds=[args.seed + i * args.n for i in good],
-                                    batch_size=args.batch_size, progress=bar.update, options=options)
-        bar.close()
-        for k, r in enumerate(results):
-            path = args.out / f"{good[k // args.n]:04d}-{k % args.n:02d}-seed{r.seed}.png"
-            r.image.save(path)
-            print(json.dumps({"prompt": r.prompt, "file": str(path), "seed": r.seed}) if args.json
-                  else f"{path}\t{r.prompt}", flush=True)
+    seed_of = lambda i, j: args.seed + i * args.n + j  # noqa: E731 - whatever else is skipped
+    path = lambda i, j: args.out / f"{i:04d}-{j:02d}-seed{seed_of(i, j)}.png"  # noqa: E731
+    handed = collections.deque()  # (i, j) of the jobs the pipeline has read, in order
+
+    def jobs():  # made lazily: -n 100000 costs no memory up front
+        for i in good:
+            for j in range(args.n):
+                if not (args.skip_existing and path(i, j).is_file()):
+                    handed.append((i, j))
+                    yield prompts[i], seed_of(i, j)
+
+    bar = _bar(len(good) * args.n, "generate", "img")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported per prompt above
+        for r in pipe.stream(jobs(), args.batch_size, options, bar.update):
+            target = path(*handed.popleft())
+            _save_png(r.image, target)  # each image as soon as it exists
+            print(json.dumps({"prompt": r.prompt, "file": str(target), "seed": r.seed}) if args.json
+                  else f"{target}\t{r.prompt}", flush=True)
+    bar.close()
     failed = len(prompts) - len(good)
     if failed or unreadable:
         print(f"{failed} of {len(prompts)} prompts failed, {unreadable} unreadable lines skipped", file=sys.stderr)
@@ -259,7 +283,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from xmodal.server import serve
 
-    serve(args.host, args.port, args.generator, args.captioner)
+    serve(args.host, args.port, args.generator, args.captioner, api_key=args.api_key, cors_origin=args.cors_origin,
+          docs=not args.no_docs)
     return 0
 
 
@@ -342,6 +367,7 @@ def _add_use(sub) -> None:
     gen.add_argument("--batch-size", type=int, default=64)
     gen.add_argument("--json", action="store_true", help='one line per image: {"prompt", "file", "seed"}')
     gen.add_argument("--strict", action="store_true", help="unknown words are an error, not a warning")
+    gen.add_argument("--skip-existing", action="store_true", help="keep images already in --out (continue a killed run)")
     _add_sampler_options(gen)
 
     demo = sub.add_parser("demo", help="generate pictures from sample prompts and caption them back")
@@ -357,6 +383,9 @@ def _add_use(sub) -> None:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--generator", default=DEFAULT_GENERATOR)
     srv.add_argument("--captioner", default=DEFAULT_CAPTIONER)
+    srv.add_argument("--api-key", help="require this key (X-API-Key header) on /v1 routes (default: $XMODAL_API_KEY)")
+    srv.add_argument("--cors-origin", help="allow browser requests from this origin")
+    srv.add_argument("--no-docs", action="store_true", help="no /docs page or OpenAPI schema")
 
 
 def _add_measure(sub) -> None:

@@ -4,35 +4,100 @@ Models load once, when the app starts. Requests are gathered by a small batcher:
 that arrive within a few milliseconds of each other (and ask for the same sampler
 options) run as one batch on the model, one batch at a time, so concurrent clients
 queue instead of fighting over the CPU. Bad input gets a 4xx with the reason.
+
+Limits, so that no request can take the server's memory or time (`ServerLimits`): a body
+limit enforced while the body is read (by Content-Length and by counting a streamed body),
+before anything is parsed or spooled; a decoded-pixel limit per uploaded image, read from its
+header; length limits on text fields; a work budget per generate request (images x network
+evaluations each) with a 413 above it; and heavy generate requests run in their own queue,
+so they never hold up light ones. Optional API key (`X-API-Key` or `Authorization: Bearer`),
+CORS origin, and `/docs`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 MAX_IMAGES_PER_REQUEST = 16
+MAX_TEXT = 500
 PAGE = Path(__file__).parent / "web" / "index.html"
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    upload_bytes: int = MAX_UPLOAD_BYTES  # an uploaded image file
+    json_bytes: int = 64 * 1024  # a JSON request body
+    pixels: int = 16_000_000  # decoded pixels of an uploaded image, checked from its header
+    image_side: int = 1024  # uploads are shrunk to this side while decoding (the models read 64 px)
+    work: int = 1024  # images x network evaluations per image, per generate request
+    heavy_work: int = 160  # above this a request runs in the heavy queue
+
+
 class GenerateRequest(BaseModel):
-    prompt: str = Field(..., description="what to draw")
+    prompt: str = Field(..., description="what to draw", max_length=MAX_TEXT)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     seed: int = Field(0, ge=0, le=2**62)
     steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=0, le=50)
-    sampler: str | None = None
-    negative: str | None = None
+    guidance: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
+    sampler: str | None = Field(None, max_length=16)
+    negative: str | None = Field(None, max_length=MAX_TEXT)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over its route's limit gets a 413 while it is read
+    (Content-Length checked first; a streamed body counted chunk by chunk), never spooled."""
+
+    def __init__(self, app, limit_for: Callable[[str], int]):
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["path"])
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _too_large(send, limit)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _BodyTooLarge:
+            await _too_large(send, limit)
+
+
+class _BodyTooLarge(BaseException):  # noqa: N818 - not an Exception: body parsers' `except Exception` must not eat it
+    """Raised inside `receive` when a body passes its limit; BodyLimit answers 413."""
+
+
+async def _too_large(send, limit: int) -> None:
+    body = json.dumps({"detail": f"request body is larger than {limit} bytes"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 @dataclass
@@ -95,14 +160,16 @@ class Batcher:
 class _Service:
     """The loaded pipelines and their batchers: what every route talks to."""
 
-    def __init__(self, generator: str, captioner: str, max_upload_bytes: int):
+    def __init__(self, generator: str, captioner: str, limits: ServerLimits):
         from xmodal.models.hub import load_model
         from xmodal.pipelines import pipeline_for
 
-        self.generator, self.captioner, self.max_upload_bytes = generator, captioner, max_upload_bytes
+        self.generator, self.captioner, self.limits = generator, captioner, limits
         self.gen_pipe = pipeline_for(load_model(generator), "text-to-image")
         self.cap_pipe = pipeline_for(load_model(captioner), "image-to-text")
-        self.gen_batcher = Batcher(self.run_generate, max_batch=8)
+        # heavy generate requests queue apart, so that a maximal one never holds up light ones
+        self.gen_batchers = {"light": Batcher(self.run_generate, max_batch=8),
+                             "heavy": Batcher(self.run_generate, max_batch=1)}
         self.cap_batcher = Batcher(self.run_caption, max_batch=64)
 
     def run_generate(self, jobs: list) -> list:
@@ -123,31 +190,66 @@ class _Service:
     def run_caption(self, images: list) -> list[str]:
         return self.cap_pipe(images, batch_size=64)
 
+    def body_limit(self, path: str) -> int:
+        return self.limits.upload_bytes + 64 * 1024 if path == "/v1/caption" else self.limits.json_bytes
+
 
 def create_app(generator: str = "shapes-diffusion", captioner: str = "shapes-captioner",
-               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    service = _Service(generator, captioner, max_upload_bytes)
-    app = FastAPI(title="xmodal", description="text -> image and image -> text")
-    app.state.batchers = {"generate": service.gen_batcher, "caption": service.cap_batcher}
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, limits: ServerLimits | None = None,
+               api_key: str | None = None, cors_origin: str | None = None, docs: bool = True) -> FastAPI:
+    """The app; `api_key` (default: $XMODAL_API_KEY) guards every /v1 route when set."""
+    limits = limits or ServerLimits(upload_bytes=max_upload_bytes)
+    service = _Service(generator, captioner, limits)
+    app = FastAPI(title="xmodal", description="text -> image and image -> text",
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    app.state.batchers = {"generate": service.gen_batchers["light"], "generate_heavy": service.gen_batchers["heavy"],
+                          "caption": service.cap_batcher}
+    app.add_middleware(BodyLimit, limit_for=service.body_limit)
+    if cors_origin:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "X-API-Key", "Authorization"])
 
     @app.exception_handler(ValueError)
     async def value_error(_: Request, exc: ValueError):
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
-    _info_routes(app, service)
-    _generate_route(app, service)
-    _caption_route(app, service)
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        # where and why, never the input back (it may be huge, binary, or NaN that JSON cannot carry)
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    guard = [Depends(_api_key_check(api_key if api_key is not None else os.environ.get("XMODAL_API_KEY")))]
+    _info_routes(app, service, guard)
+    _generate_route(app, service, guard)
+    _caption_route(app, service, guard)
     return app
 
 
-def _info_routes(app: FastAPI, service: _Service) -> None:
+def _api_key_check(key: str | None):
+    import hmac
+
+    def check(request: Request) -> None:
+        if not key:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise HTTPException(401, "missing or wrong API key (X-API-Key header)")
+
+    return check
+
+
+def _info_routes(app: FastAPI, service: _Service, guard: list) -> None:
     import xmodal
 
     @app.get("/healthz")
     def healthz():
         return {"status": "ok", "generator": service.gen_pipe.name, "captioner": service.cap_pipe.name}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=guard)
     def models():
         return {"loaded": {"generator": {"name": service.generator, "model": service.gen_pipe.model.registry_name},
                            "captioner": {"name": service.captioner, "model": service.cap_pipe.model.registry_name}},
@@ -158,16 +260,14 @@ def _info_routes(app: FastAPI, service: _Service) -> None:
         return PAGE.read_text(encoding="utf-8")
 
 
-def _generate_route(app: FastAPI, service: _Service) -> None:
+def _generate_route(app: FastAPI, service: _Service, guard: list) -> None:
     from xmodal.models.base import GenerateOptions
     from xmodal.models.text_encoders import UnknownWordsError
 
-    @app.post("/v1/generate")
+    @app.post("/v1/generate", dependencies=guard)
     async def generate(req: GenerateRequest):
         if not req.prompt.strip():
             raise HTTPException(400, "prompt is empty")
-        if len(req.prompt) > 500:
-            raise HTTPException(400, "prompt is longer than 500 characters")
         try:  # bad options and unknown words are named now, in this request's answer
             options = service.gen_pipe.options(GenerateOptions(req.steps, req.guidance, req.sampler, req.negative))
             if options.negative is not None:
@@ -175,50 +275,58 @@ def _generate_route(app: FastAPI, service: _Service) -> None:
             caught = service.gen_pipe.check_prompts([req.prompt])
         except (UnknownWordsError, ValueError) as e:
             raise HTTPException(400, str(e)) from None
-        images = await service.gen_batcher.submit((req, options), key=options)
+        work = service.gen_pipe.work(req.n, options)
+        if work > service.limits.work:
+            raise HTTPException(413, f"this request is {work} network evaluations (n x steps, x2 with guidance); "
+                                     f"the limit is {service.limits.work}: ask for fewer images or steps")
+        queue = "heavy" if work > service.limits.heavy_work else "light"
+        images = await service.gen_batchers[queue].submit((req, options), key=options)
         return {"model": service.generator, "prompt": req.prompt, "images": images, "warnings": caught}
 
 
-def _caption_route(app: FastAPI, service: _Service) -> None:
+def _caption_route(app: FastAPI, service: _Service, guard: list) -> None:
+    from starlette.datastructures import UploadFile
+
     from xmodal.data.images import ImageLoadError
 
-    @app.post("/v1/caption")
-    async def caption(file: UploadFile = File(...)):
-        data = bytearray()
-        while chunk := await file.read(1 << 16):
-            data += chunk
-            if len(data) > service.max_upload_bytes:
-                raise HTTPException(413, f"upload is larger than {service.max_upload_bytes} bytes")
+    @app.post("/v1/caption", dependencies=guard)
+    async def caption(request: Request):
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except Exception as e:  # noqa: BLE001 - a malformed multipart body is the client's error
+            raise HTTPException(400, f"expected a multipart form with a file field 'file' ({type(e).__name__})") from None
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(400, "expected an image file in the multipart field 'file' (with a filename)")
+        data = await upload.read(service.limits.upload_bytes + 1)
+        if len(data) > service.limits.upload_bytes:
+            raise HTTPException(413, f"upload is larger than {service.limits.upload_bytes} bytes")
         if not data:
             raise HTTPException(400, "the uploaded file is empty")
+        name = (upload.filename or "upload")[-80:]
         try:
-            image = await run_in_threadpool(_decode_image, bytes(data), file.filename or "upload")
+            image = await run_in_threadpool(_decode_image, data, name, service.limits)
         except ImageLoadError as e:
             raise HTTPException(400, str(e)) from None
         text = await service.cap_batcher.submit(image)
         return {"caption": text, "model": service.captioner}
 
 
-def _decode_image(data: bytes, name: str):
-    """Bytes -> RGB PIL image, with the same checks as files (bombs refused, clear errors)."""
-    import tempfile
+def _decode_image(data: bytes, name: str, limits: ServerLimits):
+    """Bytes -> RGB PIL image, with the same checks as files: a pixel limit read from the header,
+    shrunk while decoding, clear errors; nothing is written to disk."""
+    from xmodal.data.images import load_image
 
-    from xmodal.data.images import ImageLoadError, load_image
-
-    with tempfile.NamedTemporaryFile(suffix=Path(name).suffix or ".img") as f:
-        f.write(data)
-        f.flush()
-        try:
-            return load_image(f.name)
-        except ImageLoadError as e:
-            raise ImageLoadError(str(e).replace(f.name, name)) from None
+    return load_image(io.BytesIO(data), max_pixels=limits.pixels, max_side=limits.image_side, name=name)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, generator: str = "shapes-diffusion",
-          captioner: str = "shapes-captioner") -> None:
+          captioner: str = "shapes-captioner", api_key: str | None = None, cors_origin: str | None = None,
+          docs: bool = True) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(generator, captioner), host=host, port=port, log_level="info")
+    app = create_app(generator, captioner, api_key=api_key, cors_origin=cors_origin, docs=docs)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "ServerLimits"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -17,25 +17,35 @@ class ImageLoadError(ValueError):
     """An image that cannot be used, with the file named in the message."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB (any mode, EXIF orientation applied); bombs are refused."""
-    path = Path(path)
+def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, max_side: int | None = None,
+               name: str | None = None) -> Image.Image:
+    """Open an image file (or binary stream) as RGB (any mode, EXIF orientation applied).
+
+    More than `max_pixels` (read from the header, before any pixel is decoded) is refused;
+    with `max_side`, a larger image is reduced while it decodes (JPEG draft mode) and then
+    shrunk, before the RGB copy, so memory stays near the kept size. `name` names a stream."""
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    path = Path(path) if isinstance(path, (str, Path)) else path
+    label = name or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:  # checked before any pixel is decoded
-                    raise Image.DecompressionBombError(f"{img.width}x{img.height} is over {MAX_PIXELS} pixels")
+                if img.width * img.height > max_pixels:  # checked before any pixel is decoded
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height} is over {max_pixels} pixels")
+                if max_side is not None and max(img.size) > max_side:
+                    img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
+                    img.thumbnail((max_side, max_side))
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
     except FileNotFoundError:
-        raise ImageLoadError(f"{path}: no such file") from None
+        raise ImageLoadError(f"{label}: no such file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{path}: refused, too many pixels (decompression bomb?): {e}") from None
+        raise ImageLoadError(f"{label}: refused, too many pixels (decompression bomb?): {e}") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not an image file Pillow can read") from None
+        raise ImageLoadError(f"{label}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"{path}: corrupt or truncated image: {e}") from None
+        raise ImageLoadError(f"{label}: corrupt or truncated image: {e}") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -24,7 +24,9 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-SAMPLER_OPTIONS = "sampler_options"  # generate() takes GenerateOptions (steps, guidance, sampler, negative)
+# generate() takes GenerateOptions (steps, guidance, sampler, negative); the model also offers
+# check_options(**options) (its own ranges) and work(**options) (network evaluations per image)
+SAMPLER_OPTIONS = "sampler_options"
 LAYOUT = "layout"  # the model may carry a layout stage (text -> boxes -> image)
 CAPABILITIES = (SAMPLER_OPTIONS, LAYOUT)
 
@@ -68,6 +70,8 @@ class GenerateOptions:
         if model is not None and self.given() and not supports(model, SAMPLER_OPTIONS):
             names = ", ".join(self.given())
             raise ValueError(f"model {model.registry_name!r} takes no sampler options (got {names})")
+        if model is not None and supports(model, SAMPLER_OPTIONS):
+            model.check_options(**self.given())  # the model's own ranges (e.g. steps per sampler)
         return self
 
 

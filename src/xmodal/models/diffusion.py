@@ -23,6 +23,7 @@ The network (`UNet`) is apart from the process (`LatentDiffusion.loss` / `genera
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -164,6 +165,25 @@ def make_scheduler(name: str, config: DiffusionConfig):
     raise ValueError(f"unknown sampler {name!r}; valid: {SAMPLERS}")
 
 
+@functools.lru_cache(maxsize=32)
+def max_steps(name: str, train_timesteps: int, beta_schedule: str) -> int:
+    """The most sampler steps that give distinct timesteps: DPM-Solver's clipped lambda_min leaves
+    fewer usable timesteps than training had (995 of 1000 for the cosine schedule)."""
+    config = DiffusionConfig(train_timesteps=train_timesteps, beta_schedule=beta_schedule)
+
+    def distinct(steps: int) -> bool:
+        scheduler = make_scheduler(name, config)
+        scheduler.set_timesteps(steps)
+        t = scheduler.timesteps
+        return len(t) == steps and bool((t[1:] < t[:-1]).all())
+
+    low, high = 1, train_timesteps  # distinct(low) holds; find the largest steps that does
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if distinct(mid) else (low, mid - 1)
+    return low
+
+
 @register_model("latent-diffusion")
 class LatentDiffusion(TextToImageModel):
     config_class = DiffusionConfig
@@ -233,17 +253,34 @@ class LatentDiffusion(TextToImageModel):
             values["autoencoder"] = parts["autoencoder"].config
         return values
 
+    def check_options(self, steps: int | None = None, guidance: float | None = None,
+                      sampler: str | None = None, negative: str | None = None) -> tuple[int, float, str]:
+        """(steps, guidance, sampler) with the model's defaults filled in; a ValueError names a bad one."""
+        c = self.config
+        steps = c.steps if steps is None else steps
+        guidance = c.guidance if guidance is None else guidance
+        sampler = sampler or c.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; valid: {SAMPLERS}")
+        most = max_steps(sampler, c.train_timesteps, c.beta_schedule)
+        if not 1 <= steps <= most:
+            raise ValueError(f"steps must be in 1..{most} for the {sampler} sampler, got {steps}")
+        if not (guidance >= 0 and math.isfinite(guidance)):
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+        return steps, guidance, sampler
+
+    def work(self, steps: int | None = None, guidance: float | None = None, **_) -> int:
+        """UNet evaluations per image: steps, twice with classifier-free guidance."""
+        steps = self.config.steps if steps is None else steps
+        guidance = self.config.guidance if guidance is None else guidance
+        return steps * (1 if guidance == 1.0 else 2)
+
     @torch.no_grad()
     def generate(self, texts, seeds, steps: int | None = None, guidance: float | None = None,
                  sampler: str | None = None, negative: str | None = None, strict: bool = False):
         c = self.config
-        steps = c.steps if steps is None else steps
-        guidance = c.guidance if guidance is None else guidance
-        if steps < 1 or steps > c.train_timesteps:
-            raise ValueError(f"steps must be in 1..{c.train_timesteps}, got {steps}")
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {guidance}")
-        scheduler = make_scheduler(sampler or c.sampler, c)
+        steps, guidance, sampler = self.check_options(steps, guidance, sampler)
+        scheduler = make_scheduler(sampler, c)
         scheduler.set_timesteps(steps)
         b = len(texts)
         device = self.null_pooled.device

@@ -130,14 +130,22 @@ def bundled_models() -> list[str]:
 
 
 def resolve_model_dir(name_or_dir: str | Path) -> Path:
-    """A folder path as given, or the bundled model of that name."""
+    """The bundled model of that name, or a model folder. A bare name (no `/`) that a bundled
+    model has is always the bundled one, even where a folder of that name exists in the working
+    directory (a warning says how to reach the folder: `./name`)."""
+    text = str(name_or_dir)
+    if isinstance(name_or_dir, str) and text in bundled_models():
+        if Path(text).is_dir():
+            import warnings
+
+            warnings.warn(f"{text!r} is a bundled model and also a folder here; loading the bundled one "
+                          f"(give ./{text} for the folder)", stacklevel=3)
+        return BUNDLED_DIR / text
     path = Path(name_or_dir)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a model folder (no config.json)")
         return path
-    if str(name_or_dir) in bundled_models():
-        return BUNDLED_DIR / str(name_or_dir)
     raise ModelLoadError(f"no model folder or bundled model named {str(name_or_dir)!r}; "
                          f"bundled: {', '.join(bundled_models()) or '(none)'}")
 
@@ -160,8 +168,11 @@ def load_model(name_or_dir: str | Path, device: str | torch.device = "cpu") -> P
 
     folder = resolve_model_dir(name_or_dir)
     meta = read_model_meta(folder)
-    cls = get_model_class(meta["model"])
-    model = cls(make_config(cls, meta["config"]))
+    try:
+        cls = get_model_class(meta["model"])
+        model = cls(make_config(cls, meta["config"]))
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{folder}/config.json: {e}") from None
     model.load_assets(folder)
     weights = folder / "model.safetensors"
     if not weights.is_file():

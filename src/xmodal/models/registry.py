@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import types
-import typing
 from typing import Any
+
+from xmodal.typed_config import build_config
 
 _REGISTRY: dict[str, type] = {}
 
@@ -53,41 +53,6 @@ def get_model_class(name: str) -> type:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_registered())}")
     return _REGISTRY[name]
-
-
-def _dataclass_in(hint) -> type | None:
-    """The dataclass a field's type names (`X` or `X | None`), else None."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
-        return inner[0] if len(inner) == 1 else None
-    return None
-
-
-def build_config(cls: type, values: Any, where: str):
-    """`cls(**values)`, nested dataclass fields built the same way; an unknown key or a value of the
-    wrong kind is a ValueError naming `where` and the valid keys."""
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a table of {cls.__name__} fields, got {values!r}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {valid}")
-    hints = typing.get_type_hints(cls)
-    values = dict(values)
-    for name, value in values.items():
-        inner = _dataclass_in(hints[name])
-        if inner is not None and isinstance(value, dict):
-            # an empty table means "none" where the field may be None (how older folders say "no layout")
-            none_ok = inner is not hints[name]
-            values[name] = None if (none_ok and not value) else build_config(inner, value, f"{where}.{name}")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
 
 
 def make_config(cls: type, values: dict[str, Any] | None = None):

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from xmodal.data.images import to_pil
-from xmodal.models.base import GenerateOptions
+from xmodal.models.base import SAMPLER_OPTIONS, GenerateOptions, supports
 from xmodal.models.text_encoders import check_texts
 
 
@@ -39,6 +40,13 @@ class TextToImagePipeline:
         elif values:
             raise ValueError("give GenerateOptions or option keywords, not both")
         return options.check(self.model)
+
+    def work(self, images: int, options: GenerateOptions | None = None) -> int:
+        """Network evaluations that `images` images take with these options (1 each for a
+        one-pass generator; steps, x2 with guidance, for diffusion)."""
+        if not supports(self.model, SAMPLER_OPTIONS):
+            return images
+        return images * self.model.work(**(options or GenerateOptions()).given())
 
     @torch.no_grad()
     def check_prompts(self, prompts: Sequence[str] | str, strict: bool = False) -> list[str]:
@@ -72,17 +80,21 @@ class TextToImagePipeline:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         options = self.options(options, **option_values)
         starts = list(seeds) if seeds is not None else [seed + i * n for i in range(len(prompts))]
-        jobs = [(p, s + j) for p, s in zip(prompts, starts) for j in range(n)]
         for message in self.check_prompts(sorted(set(prompts)), strict=strict):  # named once, up front
             warnings.warn(message, stacklevel=2)
-        out = []
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
+        jobs = ((p, s + j) for p, s in zip(prompts, starts) for j in range(n))
+        return list(self.stream(jobs, batch_size, options, progress))
+
+    def stream(self, jobs: Iterable[tuple[str, int]], batch_size: int = 64, options: GenerateOptions | None = None,
+               progress: Callable[[int], None] | None = None) -> Iterator[GeneratedImage]:
+        """Images for (prompt, seed) jobs as they are made, `batch_size` at a time; the jobs are read
+        lazily, so a million of them cost no memory up front. Prompts already checked."""
+        jobs = iter(jobs)
+        while chunk := list(itertools.islice(jobs, batch_size)):
             images = self.render([p for p, _ in chunk], [s for _, s in chunk], options)
-            out.extend(GeneratedImage(p, s, img) for (p, s), img in zip(chunk, images))
+            yield from (GeneratedImage(p, s, img) for (p, s), img in zip(chunk, images))
             if progress is not None:
                 progress(len(chunk))
-        return out
 
     def __call__(self, prompts: Sequence[str] | str, n: int = 1, seed: int = 0, **options) -> list[Image.Image]:
         """Generate `n` images per prompt; the same seed gives the same images."""

@@ -25,13 +25,13 @@ from torch import nn
 
 from xmodal.data.text import Vocabulary, tokenize
 from xmodal.models.hub import PretrainedModel
-from xmodal.models.registry import build_config
 from xmodal.models.text_encoders import (
     BertTextEncoder,
     LearnedTextEncoder,
     TextEncoderConfig,
     Word2VecTextEncoder,
 )
+from xmodal.typed_config import build_config
 
 
 def load_keyed_vectors(path: str | Path):
@@ -217,7 +217,7 @@ def _pretrain_small_bert(spec: TextEncoderConfig, captions: Sequence[str], seed:
         trainer = Trainer(model, list(captions), train, collate_fn=MaskCollate(tokenizer),
                           save_model=lambda m, folder: None)
         if trainer.resume():
-            log(f"bert mlm: resuming from {trainer.checkpoint_path} at step {trainer.step}")
+            log(f"bert mlm: resuming from {trainer.resumed_from} at step {trainer.step}")
         summary = trainer.train()
     log(f"bert mlm: {summary['steps']} steps in {summary['seconds']} s")
     spec.bert_config = json.loads(config.to_json_string())

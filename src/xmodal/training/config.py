@@ -9,7 +9,6 @@ and keys are errors that list the valid ones.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +56,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
 
 
 def build_dataclass(cls: type, values: dict, section: str):
-    """`cls(**values)` where an unknown key is an error naming the valid ones."""
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ConfigError(f"[{section}]: unknown key(s) {unknown}; valid: {valid}")
+    """`cls(**values)` where an unknown key or a value of the wrong kind is a ConfigError naming it."""
+    from xmodal.typed_config import build_config
+
     try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"[{section}]: {e}") from None
+        return build_config(cls, values, f"[{section}]")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

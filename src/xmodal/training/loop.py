@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -35,7 +36,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-CHECKPOINT = "checkpoint.pt"
+from xmodal.training import checkpoints
+from xmodal.training.checkpoints import CHECKPOINT
+
 METRICS = "metrics.jsonl"
 
 
@@ -55,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_every: int = 500  # steps; 0 saves only at the end
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept, each with a SHA-256
     log_every: int = 10
     eval_every: int = 0  # steps; 0 disables evaluation (and early stopping)
     early_stop_metric: str = ""  # a key of the evaluation dict; empty: no early stopping
@@ -66,6 +70,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -190,19 +196,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half of one
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same clear error
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-
-
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -261,6 +254,7 @@ class Trainer:
                                            weight_decay=config.weight_decay)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if config.ema > 0 else None
         self.step = 0
+        self.resumed_from: Path | None = None  # the checkpoint resume() loaded
         self.best: float | None = None
         self.evals_without_improvement = 0
 
@@ -291,18 +285,32 @@ class Trainer:
             "config": {k: v for k, v in asdict(self.config).items() if k != "progress"},
         }
 
+    def has_checkpoint(self) -> bool:
+        return any(p.is_file() for p in checkpoints.slots(self.out_dir, self.config.keep_checkpoints))
+
     def save_checkpoint(self) -> None:
         if self.dist.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save(self.state_dict(), self.checkpoint_path)
+            checkpoints.save(self.state_dict(), self.out_dir, self.config.keep_checkpoints)
             self._write_curve()
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Load the checkpoint (default: out_dir/checkpoint.pt); False when there is none."""
-        path = Path(path) if path else self.checkpoint_path
-        if not path.is_file():
-            return False
-        state = load_checkpoint(path)
+        """Load the newest intact checkpoint of the run (or the file `path`, verified); False when
+        there is none. Damaged ones are skipped, saying so (`xmodal.training.checkpoints`)."""
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                return False
+            problem = checkpoints.check(path)
+            if problem is not None:
+                raise ValueError(f"{path}: {problem}")
+            state = checkpoints.load_checkpoint(path)
+        else:
+            found = checkpoints.latest_intact(self.out_dir, self.config.keep_checkpoints,
+                                              log=lambda m: print(m, file=sys.stderr))
+            if found is None:
+                return False
+            path, state = found
+        self.resumed_from = path
         if state["config"].get("batch_size") != self.config.batch_size or state["config"].get("seed") != self.config.seed:
             raise ValueError(f"{path}: was written with batch_size={state['config'].get('batch_size')}, "
                              f"seed={state['config'].get('seed')}; resuming with other values would not continue the same run")

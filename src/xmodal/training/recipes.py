@@ -51,10 +51,10 @@ def card(name: str, config_path: Path, overrides: list[str], data: DataConfig, t
 def _prepare_out_dir(trainer: Trainer, resume: bool) -> None:
     if resume:
         if trainer.resume():
-            print(f"resuming from {trainer.checkpoint_path} at step {trainer.step}", file=sys.stderr)
+            print(f"resuming from {trainer.resumed_from} at step {trainer.step}", file=sys.stderr)
         else:
             print(f"no checkpoint at {trainer.checkpoint_path}: starting from step 0", file=sys.stderr)
-    elif trainer.checkpoint_path.exists():
+    elif trainer.has_checkpoint():
         raise ConfigError(f"{trainer.checkpoint_path} exists: pass --resume to continue that run, "
                           f"or set --train.out_dir=<another folder>")
 
