@@ -7,35 +7,20 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from tiny_models import save_tiny_models
 
 import xmodal
 from xmodal.cli import main
-from xmodal.data.shapes import ShapesDataset
-from xmodal.data.text import Vocabulary
 from xmodal.models.diffusion import SAMPLERS, max_steps
 from xmodal.models.hub import ModelLoadError, load_model
-from xmodal.models.registry import create_model
 from xmodal.server import ServerLimits, create_app
-from xmodal.tasks.text_encoders import prepare_text_encoder
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    ds = ShapesDataset("train", count=8, seed=12)
-    captions = [c for i in range(8) for c in ds[i][1]]
-    encoder, _ = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
-    torch.manual_seed(0)
-    ae = create_model("autoencoder", latent_channels=2, channels=(8, 8, 8))
-    create_model("latent-diffusion", text_encoder=encoder, autoencoder=ae, channels=(8, 16), heads=2,
-                 steps=2).eval().save_pretrained(root / "diff")
-    create_model("cvae", text_encoder=encoder, z_dim=4, channels=(16, 8, 8, 4, 4)).eval().save_pretrained(root / "gen")
-    create_model("sat-captioner", vocab=Vocabulary.build(captions), encoder_width=8, encoder_dim=16, embed_dim=8,
-                 decoder_dim=16, attention_dim=8).eval().save_pretrained(root / "cap")
-    return root
+    return save_tiny_models(tmp_path_factory.mktemp("models"), seed=12, kinds=("gen", "cap", "diff"))
 
 
 @pytest.mark.slow

@@ -11,31 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from tiny_models import save_tiny_models
 
-from xmodal.data.shapes import ShapesDataset
-from xmodal.data.text import Vocabulary
-from xmodal.models.registry import create_model
 from xmodal.server import Batcher, create_app
-from xmodal.tasks.text_encoders import prepare_text_encoder
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    ds = ShapesDataset("train", count=8, seed=6)
-    captions = [c for i in range(8) for c in ds[i][1]]
-    encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
-    torch.manual_seed(0)
-    gen = create_model("cvae", text_encoder=encoder, z_dim=4, channels=(16, 8, 8, 4, 4))
-    gen.eval().save_pretrained(root / "gen")
-    vocab = Vocabulary.build(captions)
-    cap = create_model("sat-captioner", vocab=vocab, encoder_width=8, encoder_dim=16, embed_dim=8,
-                       decoder_dim=16, attention_dim=8)
-    cap.eval().save_pretrained(root / "cap")
-    return root
+    return save_tiny_models(tmp_path_factory.mktemp("models"), seed=6)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from tiny_models import save_tiny_models
 
 import xmodal
 from xmodal.cli import main
@@ -42,14 +43,7 @@ def test_unknown_model_name_lists_bundled():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clip")
-    ds = ShapesDataset("train", count=8, seed=7)
-    captions = [c for i in range(8) for c in ds[i][1]]
-    encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
-    torch.manual_seed(0)
-    model = create_model("clip", text_encoder=encoder, encoder_width=8, encoder_dim=16, embed_dim=8)
-    model.eval().save_pretrained(root / "clip")
-    return root / "clip"
+    return save_tiny_models(tmp_path_factory.mktemp("clip"), seed=7, kinds=("clip",)) / "clip"
 
 
 def test_search_both_ways(tiny_clip, tmp_path, capsys):
