@@ -121,14 +121,23 @@ def main() -> None:
         samples = []
         while any(t.is_alive() for t in threads):
             samples.append((round(time.time() - start, 1), round(rss_mb(server.pid), 1)))
+            if len(samples) % 12 == 0:
+                print(f"{samples[-1][0]:.0f} s: RSS {samples[-1][1]} MB", file=sys.stderr, flush=True)
             time.sleep(5)
         for t in threads:
             t.join()
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            stop_s = time.perf_counter()
+            server.wait(timeout=60)
+            shutdown_s = round(time.perf_counter() - stop_s, 2)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            shutdown_s = None  # did not stop within 60 s of SIGTERM
     after_minute = [rss for t, rss in samples if t >= 60] or [samples[-1][1]]
     report = {"clients": args.clients, "minutes": args.minutes, "generator": args.generator,
+              "shutdown_s_after_sigterm": shutdown_s,
               "rss_mb_first": samples[0][1], "rss_mb_after_first_minute": after_minute[0],
               "rss_mb_last": samples[-1][1], "rss_mb_max": max(r for _, r in samples),
               "rss_growth_after_first_minute": round(samples[-1][1] / after_minute[0] - 1, 4),

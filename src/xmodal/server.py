@@ -326,7 +326,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, generator: str = "shapes-di
     import uvicorn
 
     app = create_app(generator, captioner, api_key=api_key, cors_origin=cors_origin, docs=docs)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # graceful shutdown waits for requests in flight, but not for ever
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
 
 
 __all__ = ["create_app", "serve", "ServerLimits"]
