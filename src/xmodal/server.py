@@ -17,11 +17,14 @@ CORS origin, and `/docs`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import io
 import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,10 @@ class ServerLimits:
     pixels: int = 16_000_000  # decoded pixels of an uploaded image, checked from its header
     image_side: int = 1024  # uploads are shrunk to this side while decoding (the models read 64 px)
     work: int = 1024  # images x network evaluations per image, per generate request
-    heavy_work: int = 160  # above this a request runs in the heavy queue
+    heavy_work: int = 160  # above this a request is heavy: run alone, in chunks, between light batches
+    heavy_chunk: int = 2  # images per chunk of a heavy request (a light batch waits at most one chunk)
+    heavy_queue: int = 4  # heavy requests waiting at most; more get 429 (retry later)
+    queue: int = 256  # light requests waiting at most per queue; more get 429
 
 
 class GenerateRequest(BaseModel):
@@ -71,14 +77,17 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
+            if length.isdigit() and int(length) <= 4 * limit:
+                await _drain(receive, 4 * limit)  # read and drop it, so the client sees the 413
             return await _too_large(send, limit)
-        seen = 0
+        seen, ended = 0, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, ended
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                ended = not message.get("more_body", False)
                 if seen > limit:
                     raise _BodyTooLarge
             return message
@@ -86,11 +95,22 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except _BodyTooLarge:
+            if not ended:
+                await _drain(receive, 3 * limit)
             await _too_large(send, limit)
 
 
 class _BodyTooLarge(BaseException):  # noqa: N818 - not an Exception: body parsers' `except Exception` must not eat it
     """Raised inside `receive` when a body passes its limit; BodyLimit answers 413."""
+
+
+async def _drain(receive, budget: int) -> None:
+    """Read and drop the rest of a body, up to `budget` bytes (beyond that the connection closes)."""
+    while budget > 0:
+        message = await receive()
+        budget -= len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 async def _too_large(send, limit: int) -> None:
@@ -109,7 +129,11 @@ class _Job:
 
 @dataclass
 class Batcher:
-    """Runs `fn(list of payloads) -> list of results` on batches of jobs with the same key."""
+    """Runs `fn(list of payloads) -> list of results` on batches of jobs with the same key.
+
+    The batches run on one thread of the batcher's own (not the server's pool of 40): model
+    memory is then allocated by a few threads only, and freed memory goes back to the system
+    after a batch (glibc `malloc_trim`, at most once a second), so RSS stays flat under load."""
 
     fn: Callable[[list], list]
     max_batch: int = 64
@@ -120,6 +144,12 @@ class Batcher:
     jobs: int = 0
     _pending: list = field(default_factory=list)
     _loop: Any = None
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="batch"))
+
+    @property
+    def waiting(self) -> int:
+        """Jobs submitted and not yet in a running batch."""
+        return (self.queue.qsize() if self.queue is not None else 0) + len(self._pending)
 
     async def submit(self, payload, key=None):
         loop = asyncio.get_running_loop()
@@ -147,7 +177,8 @@ class Batcher:
             self.batches += 1
             self.jobs += len(batch)
             try:
-                results = await run_in_threadpool(self.fn, [j.payload for j in batch])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, _trimmed, self.fn, [j.payload for j in batch])
                 for j, r in zip(batch, results):
                     if not j.future.done():
                         j.future.set_result(r)
@@ -155,6 +186,21 @@ class Batcher:
                 for j in batch:
                     if not j.future.done():
                         j.future.set_exception(e)
+
+
+_last_trim = [0.0]
+
+
+def _trimmed(fn: Callable, *args):
+    """fn(*args), then (at most once a second) freed heap memory handed back to the system
+    (glibc `malloc_trim`; a no-op elsewhere), so that RSS stays flat under load."""
+    try:
+        return fn(*args)
+    finally:
+        if time.monotonic() - _last_trim[0] > 1.0:
+            _last_trim[0] = time.monotonic()
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _Service:
@@ -167,11 +213,34 @@ class _Service:
         self.generator, self.captioner, self.limits = generator, captioner, limits
         self.gen_pipe = pipeline_for(load_model(generator), "text-to-image")
         self.cap_pipe = pipeline_for(load_model(captioner), "image-to-text")
-        # heavy generate requests queue apart, so that a maximal one never holds up light ones
-        self.gen_batchers = {"light": Batcher(self.run_generate, max_batch=8),
-                             "heavy": Batcher(self.run_generate, max_batch=1)}
+        # one thread runs every generate batch: light batches and the chunks of a heavy request
+        # take turns on it, so a maximal request never holds up a light one for more than a chunk
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self.gen_batcher = Batcher(self.run_generate, max_batch=8, executor=self.model_thread)
         self.cap_batcher = Batcher(self.run_caption, max_batch=64)
+        self.heavy_slot = asyncio.Semaphore(1)
+        self.heavy_waiting = 0
+        self.heavy_done = 0
 
+    async def run_heavy(self, req, options) -> list:
+        """A heavy request alone, `heavy_chunk` images at a time between light batches."""
+        if self.heavy_waiting >= self.limits.heavy_queue:
+            raise HTTPException(429, "the server is busy with large requests; retry later", {"Retry-After": "5"})
+        self.heavy_waiting += 1
+        try:
+            await self.heavy_slot.acquire()
+        finally:
+            self.heavy_waiting -= 1
+        try:
+            out, loop, k = [], asyncio.get_running_loop(), self.limits.heavy_chunk
+            for start in range(0, req.n, k):
+                part = req.model_copy(update={"seed": req.seed + start, "n": min(k, req.n - start)})
+                out += (await loop.run_in_executor(self.model_thread, _trimmed, self.run_generate,
+                                                   [(part, options)]))[0]
+            self.heavy_done += 1
+            return out
+        finally:
+            self.heavy_slot.release()
     def run_generate(self, jobs: list) -> list:
         """One model batch for (request, options) jobs with the same options (the batcher's key)."""
         from xmodal.sheets import png_base64
@@ -202,8 +271,8 @@ def create_app(generator: str = "shapes-diffusion", captioner: str = "shapes-cap
     service = _Service(generator, captioner, limits)
     app = FastAPI(title="xmodal", description="text -> image and image -> text",
                   docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
-    app.state.batchers = {"generate": service.gen_batchers["light"], "generate_heavy": service.gen_batchers["heavy"],
-                          "caption": service.cap_batcher}
+    app.state.batchers = {"generate": service.gen_batcher, "caption": service.cap_batcher}
+    app.state.service = service
     app.add_middleware(BodyLimit, limit_for=service.body_limit)
     if cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
@@ -279,8 +348,12 @@ def _generate_route(app: FastAPI, service: _Service, guard: list) -> None:
         if work > service.limits.work:
             raise HTTPException(413, f"this request is {work} network evaluations (n x steps, x2 with guidance); "
                                      f"the limit is {service.limits.work}: ask for fewer images or steps")
-        queue = "heavy" if work > service.limits.heavy_work else "light"
-        images = await service.gen_batchers[queue].submit((req, options), key=options)
+        if work > service.limits.heavy_work:
+            images = await service.run_heavy(req, options)
+        else:
+            if service.gen_batcher.waiting >= service.limits.queue:
+                raise HTTPException(429, "the server is busy; retry later", {"Retry-After": "2"})
+            images = await service.gen_batcher.submit((req, options), key=options)
         return {"model": service.generator, "prompt": req.prompt, "images": images, "warnings": caught}
 
 
