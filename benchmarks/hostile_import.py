@@ -75,8 +75,12 @@ def traced(cmd: list[str], log: Path) -> tuple[int, list[tuple[str, str, bool]]]
         if call is None:
             continue
         name = call.group(1)
+        paths = re.findall(r"\"([^\"]*)\"", line)
+        if name.startswith(("symlink", "link")) and paths:  # (target, new path): only the new path is written
+            found.append((name, paths[0], False))
+            paths = paths[1:]
         writes = name in WRITE_CALLS or bool(re.search(r"O_(CREAT|WRONLY|RDWR|TRUNC)", line))
-        found.extend((name, path, writes) for path in re.findall(r"\"([^\"]*)\"", line))
+        found.extend((name, path, writes) for path in paths)
     return code, found
 
 

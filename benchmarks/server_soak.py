@@ -2,6 +2,10 @@
 malformed requests; reports errors, p50/p99 per kind, and the server's RSS over time.
 
     python benchmarks/server_soak.py [--clients 50] [--minutes 10] [--generator shapes-diffusion]
+    python benchmarks/server_soak.py --scenario fairness [--minutes 2]
+
+`fairness`: one client sends maximal allowed generates back to back while another sends normal
+ones; reports the normal ones' latency (the question: does a maximal request hold up a light one?).
 
 Each client loops over a fixed mix: captions of a Shapes picture, normal generates (n=1,
 default sampler), a maximal allowed generate (the work budget's worth), a pixel bomb (a few-KB
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--generator", default="shapes-diffusion")
+    parser.add_argument("--scenario", choices=["mixed", "fairness"], default="mixed")
     args = parser.parse_args()
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "xmodal", "serve", "--port", str(port), "--generator",
@@ -116,7 +121,12 @@ def main() -> None:
         mix, results, lock = requests_mix(base), {}, threading.Lock()
         start = time.time()
         stop = start + 60 * args.minutes
-        threads = [threading.Thread(target=client, args=(mix, stop, results, lock, k)) for k in range(args.clients)]
+        if args.scenario == "fairness":
+            kinds = {m[0]: m for m in mix}
+            mixes = [[kinds["generate_max"]], [kinds["generate"]]]
+            threads = [threading.Thread(target=client, args=(m, stop, results, lock, 0)) for m in mixes]
+        else:
+            threads = [threading.Thread(target=client, args=(mix, stop, results, lock, k)) for k in range(args.clients)]
         for t in threads:
             t.start()
         samples = []
@@ -137,7 +147,8 @@ def main() -> None:
             server.kill()
             shutdown_s = None  # did not stop within 60 s of SIGTERM
     after_minute = [rss for t, rss in samples if t >= 60] or [samples[-1][1]]
-    report = {"clients": args.clients, "minutes": args.minutes, "generator": args.generator,
+    report = {"scenario": args.scenario, "clients": args.clients if args.scenario == "mixed" else 2,
+              "minutes": args.minutes, "generator": args.generator,
               "shutdown_s_after_sigterm": shutdown_s,
               "rss_mb_first": samples[0][1], "rss_mb_after_first_minute": after_minute[0],
               "rss_mb_last": samples[-1][1], "rss_mb_max": max(r for _, r in samples),

@@ -146,6 +146,8 @@ class Batcher:
     _loop: Any = None
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="batch"))
 
+    running: bool = False
+
     @property
     def waiting(self) -> int:
         """Jobs submitted and not yet in a running batch."""
@@ -176,6 +178,7 @@ class Batcher:
                 (batch if nxt.key == job.key else self._pending).append(nxt)
             self.batches += 1
             self.jobs += len(batch)
+            self.running = True
             try:
                 results = await asyncio.get_running_loop().run_in_executor(
                     self.executor, _trimmed, self.fn, [j.payload for j in batch])
@@ -186,6 +189,8 @@ class Batcher:
                 for j in batch:
                     if not j.future.done():
                         j.future.set_exception(e)
+            finally:
+                self.running = False
 
 
 _last_trim = [0.0]
@@ -234,6 +239,7 @@ class _Service:
         try:
             out, loop, k = [], asyncio.get_running_loop(), self.limits.heavy_chunk
             for start in range(0, req.n, k):
+                await self._light_first()
                 part = req.model_copy(update={"seed": req.seed + start, "n": min(k, req.n - start)})
                 out += (await loop.run_in_executor(self.model_thread, _trimmed, self.run_generate,
                                                    [(part, options)]))[0]
@@ -241,6 +247,13 @@ class _Service:
             return out
         finally:
             self.heavy_slot.release()
+    async def _light_first(self, most_s: float = 2.0) -> None:
+        """Let waiting light requests go before the next heavy chunk (for at most `most_s`, so
+        that a heavy request still finishes under a stream of light ones)."""
+        deadline = time.monotonic() + most_s
+        while (self.gen_batcher.waiting or self.gen_batcher.running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
     def run_generate(self, jobs: list) -> list:
         """One model batch for (request, options) jobs with the same options (the batcher's key)."""
         from xmodal.sheets import png_base64

@@ -137,7 +137,9 @@ def _import_item(item: SourceItem, root: Path, folder: Path, mode: LinkMode, fol
     target = folder / "images" / name
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if mode == "symlink":
+        if target.exists() or target.is_symlink():
+            pass  # another record of the same image (the same name is the same source file)
+        elif mode == "symlink":
             os.symlink(path.resolve(), target)
         else:
             shutil.copyfile(path, target)
