@@ -50,7 +50,7 @@ class ServerLimits:
     work: int = 1024  # images x network evaluations per image, per generate request
     heavy_work: int = 160  # above this a request is heavy: run alone, in chunks, between light batches
     heavy_chunk: int = 2  # images per chunk of a heavy request (a light batch waits at most one chunk)
-    heavy_queue: int = 4  # heavy requests waiting at most; more get 429 (retry later)
+    heavy_queue: int = 2  # heavy requests waiting at most; more get 429 (retry later)
     queue: int = 256  # light requests waiting at most per queue; more get 429
 
 
@@ -247,8 +247,8 @@ class _Service:
             return out
         finally:
             self.heavy_slot.release()
-    async def _light_first(self, most_s: float = 2.0) -> None:
-        """Let waiting light requests go before the next heavy chunk (for at most `most_s`, so
+    async def _light_first(self, most_s: float = 0.5) -> None:
+        """Let waiting light requests go before the next heavy chunk (for at most `most_s` per chunk, so
         that a heavy request still finishes under a stream of light ones)."""
         deadline = time.monotonic() + most_s
         while (self.gen_batcher.waiting or self.gen_batcher.running) and time.monotonic() < deadline:
