@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from xmodal.models.hub import BUNDLED_DIR, bundled_models, load_model, read_model_meta
+from xmodal.models.hub import BUNDLED_DIR, bundled_models, read_model_meta
 
 
 def load(name_or_dir: str | Path, device: str | torch.device = "cpu"):
@@ -16,9 +16,9 @@ def load(name_or_dir: str | Path, device: str | torch.device = "cpu"):
 
     `xmodal.load("shapes-captioner")(images) -> list[str]`.
     """
-    from xmodal.pipelines import pipeline_for
+    from xmodal.pipelines import load_pipeline
 
-    return pipeline_for(load_model(name_or_dir, device))
+    return load_pipeline(name_or_dir, device=device)
 
 
 def _card_quality(card: str) -> dict:

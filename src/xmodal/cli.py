@@ -29,10 +29,9 @@ DEMO_PROMPTS = [
 
 
 def _load(name: str, task: str):
-    from xmodal.models.hub import load_model
-    from xmodal.pipelines import pipeline_for
+    from xmodal.pipelines import load_pipeline
 
-    return pipeline_for(load_model(name), task)
+    return load_pipeline(name, task)
 
 
 def _options(args: argparse.Namespace):

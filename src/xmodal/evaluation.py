@@ -27,10 +27,9 @@ def _records(data: str | Path, split: str | None, limit: int) -> list[dict]:
 
 
 def _load(name: str, task: str):
-    from xmodal.models.hub import load_model
-    from xmodal.pipelines import pipeline_for
+    from xmodal.pipelines import load_pipeline
 
-    return pipeline_for(load_model(name), task)
+    return load_pipeline(name, task)
 
 
 def evaluate_captioner(model: str, data: str | Path, out: str | Path, split: str | None = None,

@@ -13,14 +13,13 @@ from xmodal.data.prepared import read_records
 def search(model: str, folder: str | Path, text: str | None = None, image: str | Path | None = None,
            top: int = 5) -> list[dict]:
     """The `top` best matches: `{"image", "score"}` for a text query, `{"caption", "score"}` for an image."""
-    from xmodal.models.hub import load_model
-    from xmodal.pipelines import pipeline_for
+    from xmodal.pipelines import load_pipeline
 
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
-    pipe = pipeline_for(load_model(model), "image-text-alignment")
+    pipe = load_pipeline(model, "image-text-alignment")
     folder = Path(folder)
     if text is not None:
         paths = expand_images([folder])

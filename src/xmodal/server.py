@@ -212,12 +212,11 @@ class _Service:
     """The loaded pipelines and their batchers: what every route talks to."""
 
     def __init__(self, generator: str, captioner: str, limits: ServerLimits):
-        from xmodal.models.hub import load_model
-        from xmodal.pipelines import pipeline_for
+        from xmodal.pipelines import load_pipeline
 
         self.generator, self.captioner, self.limits = generator, captioner, limits
-        self.gen_pipe = pipeline_for(load_model(generator), "text-to-image")
-        self.cap_pipe = pipeline_for(load_model(captioner), "image-to-text")
+        self.gen_pipe = load_pipeline(generator, "text-to-image")
+        self.cap_pipe = load_pipeline(captioner, "image-to-text")
         # one thread runs every generate batch: light batches and the chunks of a heavy request
         # take turns on it, so a maximal request never holds up a light one for more than a chunk
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")

@@ -46,9 +46,12 @@ def fits(value: Any, hint) -> bool:
     if origin in (tuple, list) or hint in (tuple, list):
         if not isinstance(value, (tuple, list)):
             return False
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return not args or all(fits(v, args[0] if len(args) == 1 or Ellipsis in typing.get_args(hint)
-                                    else args[min(i, len(args) - 1)]) for i, v in enumerate(value))
+        args = typing.get_args(hint)
+        if not args:
+            return True
+        if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis):  # list[X], tuple[X, ...]
+            return all(fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(fits(v, a) for v, a in zip(value, args))  # tuple[X, Y]
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     return True  # a type configs do not use: not checked here

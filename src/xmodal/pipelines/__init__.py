@@ -21,4 +21,11 @@ def pipeline_for(model, task: str | None = None):
     return PIPELINES[model.task](model)
 
 
-__all__ = ["AlignmentPipeline", "ImageToTextPipeline", "TextToImagePipeline", "pipeline_for", "PIPELINES"]
+def load_pipeline(name_or_dir, task: str | None = None, device="cpu"):
+    """The pipeline of a bundled model name or model folder; `task` names the one expected."""
+    from xmodal.models.hub import load_model
+
+    return pipeline_for(load_model(name_or_dir, device), task)
+
+
+__all__ = ["load_pipeline", "AlignmentPipeline", "ImageToTextPipeline", "TextToImagePipeline", "pipeline_for", "PIPELINES"]

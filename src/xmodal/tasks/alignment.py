@@ -35,10 +35,15 @@ def measure(pipeline, records: Sequence[dict], images: Sequence, k: int = 1) -> 
     return recall_at_k(pipeline(list(images), record_prompts(records)), k=k)
 
 
-def pools(records: Sequence[dict], size: int, count: int, distinct: bool) -> list[list[int]]:
+def pool_keys(records: Sequence[dict]) -> list:
+    """What makes two pairs the same answer: their Shapes scene, else their first reference."""
+    return scene_specs(records) or record_prompts(records)
+
+
+def pools(records: Sequence[dict], size: int, count: int, distinct: bool, keys: list | None = None) -> list[list[int]]:
     """Up to `count` pools of `size` record indices: consecutive records, or (`distinct`) records
-    whose scenes (else first references) differ within the pool, a repeat skipped."""
-    keys = scene_specs(records) or record_prompts(records)
+    whose keys (`pool_keys`) differ within the pool, a repeat skipped."""
+    keys = keys if keys is not None else pool_keys(records)
     out, pool, seen = [], [], set()
     for i, key in enumerate(keys):
         if distinct and key in seen:
@@ -57,10 +62,10 @@ def measure_pools(pipeline, records: Sequence[dict], images: Sequence, size: int
                   distinct: bool = False, k: int = 1) -> dict:
     """`measure` averaged over `pools`; `ceiling` is the best recall@1 any model can reach there
     (the mean over queries of 1 / copies of its scene in the pool: below 1 where scenes repeat)."""
-    groups = pools(records, size, count, distinct)
+    keys = pool_keys(records)
+    groups = pools(records, size, count, distinct, keys)
     if not groups:
         raise ValueError(f"{len(records)} records make no pool of {size}")
-    keys = scene_specs(records) or record_prompts(records)
     scores = [measure(pipeline, [records[i] for i in idx], [images[i] for i in idx], k) for idx in groups]
     ceilings = [sum(1 / sum(keys[j] == keys[i] for j in idx) for i in idx) / len(idx) for idx in groups]
     result = {name: sum(s[name] for s in scores) / len(scores) for name in scores[0]}
