@@ -55,6 +55,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite)
         print(json.dumps({"out": str(args.out), "split": args.split, **{k: round(v, 3) for k, v in stats.items()}}))
         return 0
+    if args.source == "fashion-mnist":
+        return _import_fashion(args)
     from xmodal.data import importers as imp
     from xmodal.data.prepared import ImportReport
 
@@ -73,6 +75,19 @@ def _cmd_data(args: argparse.Namespace) -> int:
     print(report.summary(), file=sys.stderr)
     print(json.dumps({"out": str(args.out), "written": report.written,
                       "problems": {k: v["count"] for k, v in report.problems.items()}}))
+    return 0
+
+
+def _import_fashion(args: argparse.Namespace) -> int:
+    from xmodal.data.fashion import IdxFormatError, import_fashion_mnist
+
+    try:
+        stats = import_fashion_mnist(args.out, args.source_dir, args.split, args.format, args.shard_size,
+                                     overwrite=args.overwrite, progress=not args.quiet)
+    except IdxFormatError as e:
+        print(f"xmodal data fashion-mnist: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats))
     return 0
 
 
@@ -266,7 +281,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
         return evaluation.evaluate_generator(args.model or DEFAULT_GENERATOR, args.data, args.out,
                                                 captioner=args.captioner, clip=args.clip, seed=args.seed,
                                                 inception_weights=args.inception_weights, options=_options(args),
-                                                **common)
+                                                prompts=args.prompts, **common)
     return evaluation.evaluate_cycle(args.generator, args.captioner or DEFAULT_CAPTIONER, args.data, args.out,
                                      seed=args.seed, options=_options(args), **common)
 
@@ -318,6 +333,17 @@ def _add_data(sub) -> None:
     shapes.add_argument("--size", type=int, default=64)
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
     shapes.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    fashion = dsub.add_parser("fashion-mnist", help="import Fashion-MNIST from its idx files (28x28 real photos)")
+    fashion.add_argument("out", type=Path)
+    fashion.add_argument("--source", dest="source_dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+                         help="folder of the idx files, gzip or not (default: where Debian's dataset-fashion-mnist puts them)")
+    fashion.add_argument("--split", choices=["train", "val", "test", "all"], default="all",
+                         help="train: first 55,000 training images; val: last 5,000; test: the 10,000 t10k images")
+    fashion.add_argument("--format", choices=["folder", "webdataset"], default="folder",
+                         help="a prepared folder, or WebDataset tar shards OUT/SPLIT-000000.tar ...")
+    fashion.add_argument("--shard-size", type=int, default=5000, help="records per shard (webdataset)")
+    fashion.add_argument("--quiet", action="store_true", help="no progress bar")
+    fashion.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
     sources = {"coco": ("COCO captions JSON", "--annotations", "captions_*.json"),
                "karpathy": ("Karpathy split JSON", "--json", "dataset_coco.json / dataset_flickr30k.json"),
                "flickr": ("Flickr .token file", "--token", "results_20130124.token / Flickr8k.token.txt"),
@@ -394,7 +420,8 @@ def _add_measure(sub) -> None:
     ev.add_argument("--model", help="the model to evaluate (captioner, generator, or dual encoder for retrieval)")
     ev.add_argument("--generator", default=DEFAULT_GENERATOR, help="cycle: the generator")
     ev.add_argument("--captioner", help=f"cycle: the captioner ({DEFAULT_CAPTIONER}); generator: what reads the "
-                    "images back for scene accuracy (shapes-captioner-transformer)")
+                    "images back (shapes-captioner-transformer; fashion-captioner on Fashion-MNIST, whose "
+                    "image encoder also gives the FID/KID features there)")
     ev.add_argument("--clip", default="shapes-clip", help="dual encoder for FID/KID features, CLIPScore, R-precision")
     ev.add_argument("--data", type=Path, required=True, help="a prepared data set")
     ev.add_argument("--split", help="only records of this split")
@@ -405,6 +432,9 @@ def _add_measure(sub) -> None:
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
     ev.add_argument("--inception-weights", help="Inception v3 weights file for FID/KID instead of our own features")
     ev.add_argument("--bf16", action="store_true", help="bf16 autocast (as the benchmarks' --bf16)")
+    ev.add_argument("--prompts", choices=["canonical", "novel"], default="canonical",
+                    help="generator on Fashion-MNIST records: each record's canonical caption, or open-vocabulary "
+                         "prompts of its class in words absent from the training captions")
     ev.add_argument("--pool", type=int, default=100, help="retrieval: candidates per pool")
     ev.add_argument("--pools", type=int, default=5, help="retrieval: pools averaged")
     ev.add_argument("--distinct", action="store_true", help="retrieval: pools of distinct scenes (one right answer)")

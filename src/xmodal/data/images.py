@@ -68,8 +68,8 @@ def check_image(path: str | Path) -> str | None:
     return None
 
 
-Preset = Literal["shapes64", "small64", "imagenet224", "imagenet224-train"]
-PRESETS: tuple[str, ...] = ("shapes64", "small64", "imagenet224", "imagenet224-train")
+Preset = Literal["shapes64", "small64", "gray32", "gray32-train", "imagenet224", "imagenet224-train"]
+PRESETS: tuple[str, ...] = ("shapes64", "small64", "gray32", "gray32-train", "imagenet224", "imagenet224-train")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -78,6 +78,9 @@ def make_transform(preset: Preset = "shapes64"):
 
     - `shapes64`: 64x64 as is (resized if needed), scaled to [-1, 1].
     - `small64`: shorter side to 64, centre crop 64, scaled to [-1, 1] (any photo for small models).
+    - `gray32`: grayscale (in 3 equal channels), a 28x28 picture padded with black to 32x32
+      (Fashion-MNIST's garments are light on black), others resized to 32x32; scaled to [-1, 1].
+    - `gray32-train`: `gray32` shifted by up to 2 pixels and flipped left-right at random (training).
     - `imagenet224`: shorter side to 256, centre crop 224, ImageNet mean/std.
     - `imagenet224-train`: random resized crop 224 and horizontal flip, ImageNet mean/std.
     """
@@ -88,11 +91,30 @@ def make_transform(preset: Preset = "shapes64"):
         return v2.Compose([v2.Resize((64, 64), antialias=True), *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
     if preset == "small64":
         return v2.Compose([v2.Resize(64, antialias=True), v2.CenterCrop(64), *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
+    if preset == "gray32":
+        return v2.Compose([v2.Grayscale(3), _PadOrResize(32), *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
+    if preset == "gray32-train":
+        return v2.Compose([v2.Grayscale(3), _PadOrResize(32), v2.RandomCrop(32, padding=2), v2.RandomHorizontalFlip(),
+                           *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
     if preset == "imagenet224":
         return v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), *to_float, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     if preset == "imagenet224-train":
         return v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), *to_float, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     raise ValueError(f"unknown image preset {preset!r}; valid: {PRESETS}")
+
+
+class _PadOrResize:
+    """A picture up to `side` on both sides is centred on black (no resampling); a larger one is resized."""
+
+    def __init__(self, side: int):
+        self.side = side
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.width <= self.side and img.height <= self.side:
+            canvas = Image.new(img.mode, (self.side, self.side))
+            canvas.paste(img, ((self.side - img.width) // 2, (self.side - img.height) // 2))
+            return canvas
+        return img.resize((self.side, self.side), Image.BILINEAR)
 
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:

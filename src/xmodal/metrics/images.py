@@ -26,8 +26,22 @@ class EmbeddingFeatures(torch.nn.Module):
         return self.model.encode_image(x * 2 - 1).double()
 
 
+class EncoderFeatures(torch.nn.Module):
+    """A pluggable FID/KID feature extractor: the pooled features of a trained image encoder (a
+    captioner's), for uint8 images already preprocessed to the encoder's size (0..255 = -1..1)."""
+
+    def __init__(self, image_encoder):
+        super().__init__()
+        self.encoder = image_encoder.eval()
+        self.num_features = image_encoder.out_dim
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward_pooled(images.float() / 127.5 - 1).double()
+
+
 def fid_kid(real: list[np.ndarray], fake: list[np.ndarray], extractor: torch.nn.Module | None = None,
-            inception_weights: str | None = None, kid_subset: int = 100) -> dict:
+            inception_weights: str | None = None, kid_subset: int = 100, input_size: int = 64) -> dict:
     """FID and KID between two image lists through torchmetrics, with our extractor or Inception
     (`inception_weights`: a torch-fidelity InceptionV3 state dict file; adds the Inception Score)."""
     from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
@@ -41,7 +55,7 @@ def fid_kid(real: list[np.ndarray], fake: list[np.ndarray], extractor: torch.nn.
     else:
         raise ValueError("give a feature extractor or --inception-weights PATH (nothing here can download Inception)")
     subset = min(kid_subset, len(real), len(fake))
-    fid = FrechetInceptionDistance(**kwargs, input_img_size=(3, 64, 64))
+    fid = FrechetInceptionDistance(**kwargs, input_img_size=(3, input_size, input_size))
     kid = KernelInceptionDistance(**kwargs, subset_size=subset)
     for images, is_real in ((real, True), (fake, False)):
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W) uint8

@@ -5,8 +5,13 @@ The classic three parts: a recognition network q(z | x, c), a conditional prior
 p(z | c), and a decoder p(x | z, c), with c the text encoder's sentence vector.
 Loss: Gaussian reconstruction with a fixed sigma (`recon_sigma`, smaller = sharper)
 plus KL(q || p), per pixel. Generation samples z from the prior and decodes its mean.
-Differences from the paper: convolutional networks for 64 px, the sentence vector also
-modulates every decoder stage (FiLM), and a KL warm-up. With `layout` set, a layout stage
+Differences from the paper: convolutional networks for 32 or 64 px, the sentence vector also
+modulates every decoder stage (FiLM), and a KL warm-up. With `cond_noise` > 0 the sentence
+vector is scaled to unit length and, in training, jittered by Gaussian noise of that std (a
+fixed-variance form of StackGAN's conditioning augmentation, Zhang et al. 2017,
+https://arxiv.org/abs/1612.03242): the decoder then sees a neighbourhood of each training
+caption, not a point, so prompts a pretrained text encoder places near them draw alike.
+`image_channels = 1` draws grayscale (returned in 3 equal channels). With `layout` set, a layout stage
 (`xmodal.models.layout`) first draws the objects' boxes from the text and every decoder
 stage also reads the layout map (concatenated after upsampling, as SPADE feeds its
 semantic map to every stage: Park et al. 2019, https://arxiv.org/abs/1903.07291).
@@ -28,12 +33,14 @@ from xmodal.models.text_encoders import TextEncoderConfig
 @dataclass
 class CVAEConfig:
     text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig("learned", 128))
-    image_size: int = 64
+    image_size: int = 64  # 32 or 64
     image_preset: str = "shapes64"  # preprocessing of the training images (xmodal.data.images.make_transform)
+    image_channels: int = 3  # 1: grayscale
     z_dim: int = 32
-    # decoder channels at 4, 8, 16, 32, 64 px (the encoder mirrors them); halving per stage
+    # decoder channels at 4, 8, ..., image_size px (the encoder mirrors them); halving per stage
     # keeps every stage equally cheap, which is what makes it fast on a CPU
     channels: tuple[int, ...] = (128, 64, 32, 16, 8)
+    cond_noise: float = 0.0  # > 0: unit-length sentence vector, jittered by noise of this std in training
     recon_sigma: float = 0.1  # std of the Gaussian likelihood, in [-1, 1] pixel units
     kl_warmup_steps: int = 500
     layout: LayoutConfig | None = None  # None: no layout stage
@@ -70,13 +77,17 @@ class ConditionalVAE(TextToImageModel):
     def __init__(self, config: CVAEConfig, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)
         c, e = config, self.text_encoder.out_dim
-        if c.image_size != 64:
-            raise ValueError(f"the cvae is built for 64 px images, got image_size={c.image_size}")
-        if len(c.channels) != 5:
-            raise ValueError(f"channels must give 5 widths (4, 8, 16, 32, 64 px), got {c.channels}")
+        if c.image_size not in (32, 64):
+            raise ValueError(f"the cvae draws 32 or 64 px images, got image_size={c.image_size}")
+        if c.image_channels not in (1, 3):
+            raise ValueError(f"image_channels must be 1 (grayscale) or 3, got {c.image_channels}")
+        sizes = [4 * 2 ** i for i in range(4 if c.image_size == 32 else 5)]
+        if len(c.channels) != len(sizes):
+            raise ValueError(f"channels must give {len(sizes)} widths ({', '.join(map(str, sizes))} px), got {c.channels}")
+        self.map_sizes = tuple(sizes[1:])  # where the decoder stages read the layout map
         chans = list(c.channels)
         layers, cin = [], 3
-        for ch in chans[::-1][1:]:  # 64 -> 32 -> 16 -> 8 -> 4 px
+        for ch in chans[::-1][1:]:  # image_size -> ... -> 4 px
             layers += [nn.Conv2d(cin, ch, 4, 2, 1), nn.GroupNorm(min(8, ch // 4), ch), nn.SiLU()]
             cin = ch
         self.encoder = nn.Sequential(*layers, nn.Flatten())  # (B, C0*4*4)
@@ -85,21 +96,30 @@ class ConditionalVAE(TextToImageModel):
         self.from_latent = nn.Linear(c.z_dim + e, chans[0] * 16)
         m = self.layout.config.channels if self.layout is not None else 0
         self.up = nn.ModuleList(UpStage(a, b, e, m) for a, b in zip(chans[:-1], chans[1:]))
-        self.to_rgb = nn.Conv2d(chans[-1], 3, 3, padding=1)
+        self.to_rgb = nn.Conv2d(chans[-1], c.image_channels, 3, padding=1)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps done, for the KL warm-up
-
-    MAP_SIZES = (8, 16, 32, 64)  # where the decoder stages read the layout map
 
     def decode(self, z, cond, maps=None):
         x = self.from_latent(torch.cat([z, cond], dim=-1)).view(z.size(0), -1, 4, 4)  # (B, C0, 4, 4)
         for i, stage in enumerate(self.up):
-            x = stage(x, cond, maps[i] if maps is not None else None)  # 8, 16, 32, 64 px
-        return torch.tanh(self.to_rgb(x))  # (B, 3, 64, 64)
+            x = stage(x, cond, maps[i] if maps is not None else None)  # 8, 16, ... px
+        return torch.tanh(self.to_rgb(x)).expand(-1, 3, -1, -1)  # (B, 3, S, S); grayscale in 3 equal channels
+
+    def condition(self, texts, strict: bool = False):
+        """Text encoder outputs, the sentence vector unit-length (and jittered in training) with `cond_noise`."""
+        tokens, mask, cond = self.encode_text(texts, strict=strict)  # (B, T, E), (B, T), (B, E)
+        if self.config.cond_noise > 0:
+            cond = nn.functional.normalize(cond.float(), dim=-1)
+            if self.training:
+                cond = cond + self.config.cond_noise * torch.randn_like(cond)
+        return tokens, mask, cond
 
     def loss(self, batch):
         images = batch["images"]
-        tokens, mask, cond = self.encode_text(batch["texts"])  # (B, T, E), (B, T), (B, E)
-        maps, layout_nll = self.layout_maps(tokens, mask, self.MAP_SIZES, batch=batch)
+        if self.config.image_channels == 1:
+            images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        tokens, mask, cond = self.condition(batch["texts"])
+        maps, layout_nll = self.layout_maps(tokens, mask, self.map_sizes, batch=batch)
         mu_q, logvar_q = self.posterior(torch.cat([self.encoder(images), cond], -1)).chunk(2, dim=-1)
         mu_p, logvar_p = self.prior(cond).chunk(2, dim=-1)
         z = mu_q + torch.randn_like(mu_q) * (0.5 * logvar_q).exp()
@@ -120,8 +140,8 @@ class ConditionalVAE(TextToImageModel):
 
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):
-        tokens, mask, cond = self.encode_text(texts, strict=strict)
-        maps, _ = self.layout_maps(tokens, mask, self.MAP_SIZES, seeds=seeds)
+        tokens, mask, cond = self.condition(texts, strict=strict)
+        maps, _ = self.layout_maps(tokens, mask, self.map_sizes, seeds=seeds)
         mu_p, logvar_p = self.prior(cond).chunk(2, dim=-1)
         eps = self.noise(seeds, (self.config.z_dim,), cond.device)
         return self.decode(mu_p + eps * (0.5 * logvar_p).exp(), cond, maps)

@@ -63,6 +63,11 @@ class PretrainedModel(Capable, nn.Module):
         """Called by the Trainer after optimizer step `step` (1-based): models with a schedule
         of their own (a KL warm-up, lazy regularization) read the step here, not in `loss`."""
 
+    def packaged_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of parts whose weights an installed package holds (a frozen
+        pretrained text encoder): not written into the folder, loaded by `load_assets`."""
+        return ()
+
     # assets: files other than weights that the model needs (vocabulary, tokenizer)
     def save_assets(self, folder: Path) -> None:
         pass
@@ -87,7 +92,9 @@ class PretrainedModel(Capable, nn.Module):
             **(extra or {}),
         }
         (folder / "config.json").write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        packaged = self.packaged_prefixes()
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()
+                 if not k.startswith(packaged) or not packaged}
         save_file(_untie(state), str(folder / "model.safetensors"))
         self.save_assets(folder)
         (folder / "README.md").write_text(card or default_card(meta))
@@ -181,6 +188,9 @@ def load_model(name_or_dir: str | Path, device: str | torch.device = "cpu") -> P
         state = load_file(str(weights), device="cpu")
     except SafetensorError as e:
         raise ModelLoadError(f"{weights}: unreadable weights ({e})") from None
+    packaged = model.packaged_prefixes()
+    if packaged:  # those weights came from their package in load_assets
+        state = {**{k: v for k, v in model.state_dict().items() if k.startswith(packaged)}, **state}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

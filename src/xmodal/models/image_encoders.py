@@ -1,6 +1,7 @@
 """Image encoders: grid features (B, N, D) and pooled features (B, D).
 
-- `SmallCNN`: three conv stages for 64 px images -> an 8x8 grid (N = 64).
+- `SmallCNN`: three conv stages for 64 px images -> an 8x8 grid (N = 64); `small-cnn-32` is the
+  same with a first stage at full resolution, for 28-32 px pictures (Fashion-MNIST) -> 8x8.
 - `FactorizedCNN`: a colour-blind form stream and a shape-blind colour stream, for
   flat-background pictures such as the Shapes world (compositional generalization).
 - `ResNetEncoder`: torchvision ResNet-18/34/50 without its head; the last stage's
@@ -20,13 +21,13 @@ import torch
 from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
-IMAGE_ENCODERS = ("small-cnn", "factorized-cnn", *RESNETS)
+IMAGE_ENCODERS = ("small-cnn", "small-cnn-32", "factorized-cnn", *RESNETS)
 
 
 class SmallCNN(nn.Module):
     """3x64x64 -> (B, 64, D): conv-BN-ReLU stages, each halving the side after the first."""
 
-    def __init__(self, width: int = 32, out_dim: int = 128):
+    def __init__(self, width: int = 32, out_dim: int = 128, first_stride: int = 2):
         super().__init__()
 
         def stage(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -34,7 +35,7 @@ class SmallCNN(nn.Module):
                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
         self.body = nn.Sequential(
-            stage(3, width, 2),  # 32x32
+            stage(3, width, first_stride),  # 32x32 (64 px in, first_stride 2)
             stage(width, 2 * width, 2),  # 16x16
             stage(2 * width, out_dim, 2),  # 8x8
         )
@@ -134,6 +135,8 @@ def create_image_encoder(name: str, width: int = 32, out_dim: int = 128, weights
                          trainable: bool = True) -> nn.Module:
     if name == "small-cnn":
         return SmallCNN(width=width, out_dim=out_dim)
+    if name == "small-cnn-32":
+        return SmallCNN(width=width, out_dim=out_dim, first_stride=1)
     if name == "factorized-cnn":
         return FactorizedCNN(width=width, out_dim=out_dim, color_dim=max(1, out_dim // 4))
     if name in RESNETS:

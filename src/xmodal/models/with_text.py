@@ -26,6 +26,9 @@ class WithTextEncoder(PretrainedModel):
     def config_from_parts(cls, parts: dict) -> dict:
         return {"text_encoder": parts["text_encoder"].spec} if "text_encoder" in parts else {}
 
+    def packaged_prefixes(self) -> tuple[str, ...]:
+        return ("text_encoder.",) if self.text_encoder.packaged else ()
+
     def save_assets(self, folder: Path) -> None:
         self.text_encoder.save_assets(folder)
 

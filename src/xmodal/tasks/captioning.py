@@ -14,7 +14,7 @@ from xmodal.data.collate import CaptionCollate
 from xmodal.data.text import Vocabulary
 from xmodal.metrics.captions import caption_scores, exact_match
 from xmodal.tasks.data import TrainData, stored_images
-from xmodal.tasks.records import scene_specs
+from xmodal.tasks.records import class_labels, scene_specs
 from xmodal.training.config import ConfigError
 
 TASK = "image-to-text"
@@ -46,13 +46,21 @@ def measure(pipeline, records: Sequence[dict], images: Sequence, beam: int = 1, 
             batch_size: int = 128) -> dict:
     """Caption each image (greedy, or beam search with `beam` > 1) and score the captions against
     the records' references: BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR), plus exact match of the
-    parsed scene when the records carry Shapes scenes. Returns the metrics and the captions."""
+    parsed scene when the records carry Shapes scenes, and the class the caption names (accuracy,
+    per class, confusion matrix) when they carry Fashion-MNIST classes. Returns the metrics and
+    the captions."""
     options = {"method": "beam" if beam > 1 else "greedy", "beam_size": beam}
     captions = pipeline(list(images), batch_size=batch_size, **options)
     metrics = caption_scores(captions, [r["captions"] for r in records], meteor=meteor)
     scenes = scene_specs(records)
     if scenes is not None:
         metrics["exact_match"] = exact_match(captions, scenes)
+    classes = class_labels(records)
+    if classes is not None:
+        from xmodal.data.fashion import CLASSES, class_of
+        from xmodal.metrics.classes import class_scores
+
+        metrics.update(class_scores(classes, [class_of(c) for c in captions], CLASSES))
     return {**metrics, "captions": captions}
 
 
@@ -66,6 +74,6 @@ def evaluator(data: TrainData):
 
     def evaluate(model) -> dict:
         metrics = measure(pipeline_for(model), records, images)
-        return {k: metrics[k] for k in ("bleu4", "cider_d", "exact_match") if k in metrics}
+        return {k: metrics[k] for k in ("bleu4", "cider_d", "exact_match", "class_accuracy") if k in metrics}
 
     return evaluate

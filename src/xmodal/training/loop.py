@@ -398,6 +398,15 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         c = self.config
+        from xmodal.data.shards import ShardDataset, StepBatches
+
+        if isinstance(self.dataset, ShardDataset):  # streamed shards: their order is also a function of the step
+
+            if c.batch_size % self.dist.world:
+                raise ValueError(f"batch_size {c.batch_size} must divide evenly across {self.dist.world} processes")
+            stream = StepBatches(self.dataset, c.batch_size, c.seed, self.step, c.steps, self.dist.rank, self.dist.world)
+            return DataLoader(stream, batch_size=None, collate_fn=self.collate_fn, num_workers=min(c.num_workers, 1),
+                              generator=torch.Generator().manual_seed(c.seed + self.step))  # not the global RNG
         sampler = StepBatchSampler(len(self.dataset), c.batch_size, c.seed, self.step, c.steps, self.dist)
         return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
                           num_workers=c.num_workers, persistent_workers=False,
