@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xmodal-installed
 
-.PHONY: install test demo lint clean browser
+.PHONY: install test demo lint clean browser datasets
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped"
 
-test: $(STAMP) browser
+# Real data from Debian's packages (Fashion-MNIST's idx files in /usr/share/datasets/fashion-mnist),
+# installed when apt can run; otherwise the tests that need it are skipped with the reason.
+datasets:
+	@[ -d /usr/share/datasets/fashion-mnist ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "dataset-fashion-mnist not installed: its tests will be skipped"
+
+test: $(STAMP) browser datasets
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -17,7 +17,14 @@ from safetensors.torch import load_file
 
 from xmodal.cli import main
 from xmodal.data import fashion
-from xmodal.data.fashion import CLASSES, NOVEL_PROMPTS, TEMPLATES, IdxFormatError, class_of, read_idx
+from xmodal.data.fashion import (
+    CLASSES,
+    NOVEL_PROMPTS,
+    TEMPLATES,
+    IdxFormatError,
+    class_of,
+    read_idx,
+)
 from xmodal.data.shards import ShardDataset, ShardError, expand_pattern
 from xmodal.data.text import tokenize
 from xmodal.metrics.classes import class_scores
@@ -232,3 +239,24 @@ def test_frozen_minilm_is_referenced_not_copied(tmp_path):
 def test_real_fashion_mnist_files_read():
     images, labels = fashion.load_split(fashion.DEFAULT_SOURCE, "test")
     assert images.shape == (10_000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("name, extra", [("cvae", {"z_dim": 4, "cond_noise": 0.05, "temperature": 0.5}),
+                                         ("dfgan", {"z_dim": 8})])
+def test_generators_draw_32px_grayscale(name, extra):
+    from xmodal.models.registry import create_model
+    from xmodal.tasks.text_encoders import prepare_text_encoder
+
+    encoder, _ = prepare_text_encoder({"kind": "learned", "dim": 16}, ["a bag", "a coat"])
+    torch.manual_seed(0)
+    model = create_model(name, text_encoder=encoder, image_size=32, image_channels=1, channels=(16, 8, 8, 4), **extra)
+    images = torch.rand(2, 1, 32, 32).expand(-1, 3, -1, -1) * 2 - 1
+    loss, _ = model.loss({"images": images, "texts": ["a bag", "a coat"]})
+    loss.backward()
+    assert torch.isfinite(loss)
+    model.eval()
+    out = model.generate(["a bag", "a coat"], [0, 1])
+    assert out.shape == (2, 3, 32, 32) and torch.equal(out[:, 0], out[:, 1])
+    torch.testing.assert_close(out[1], model.generate(["a coat"], [1])[0], atol=1e-5, rtol=1e-4)  # (text, seed) only
+    with pytest.raises(ValueError, match="channels must give 4 widths"):
+        create_model(name, text_encoder=encoder, image_size=32, channels=(16, 8, 8, 4, 4))

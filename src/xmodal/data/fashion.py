@@ -50,10 +50,12 @@ NOVEL_PROMPTS: dict[str, str] = {
     "a tank top": "t-shirt/top", "flip-flops": "sandal", "booties": "ankle boot",
 }
 
-# The words that name each class in a caption (first match wins, longest phrases first).
-_CLASS_WORDS = [("ankle boot", "ankle boot"), ("t-shirt", "t-shirt/top"), ("trousers", "trouser"),
-                ("trouser", "trouser"), ("pullover", "pullover"), ("dress", "dress"), ("coat", "coat"),
-                ("sandal", "sandal"), ("shirt", "shirt"), ("sneaker", "sneaker"), ("bag", "bag"), ("boot", "ankle boot")]
+# The words that name each class in a caption, matched on its words as `tokenize` splits them
+# ("a t-shirt" -> "a t shirt"); first match wins, longer phrases first.
+_CLASS_WORDS = [("ankle boot", "ankle boot"), ("t shirt", "t-shirt/top"), ("tshirt", "t-shirt/top"),
+                ("trousers", "trouser"), ("trouser", "trouser"), ("pullover", "pullover"), ("dress", "dress"),
+                ("coat", "coat"), ("sandal", "sandal"), ("shirt", "shirt"), ("sneaker", "sneaker"), ("bag", "bag"),
+                ("boot", "ankle boot")]
 _CLASS_RE = re.compile(r"\b(" + "|".join(re.escape(w) for w, _ in _CLASS_WORDS) + r")s?\b")
 
 
@@ -63,7 +65,9 @@ class IdxFormatError(ValueError):
 
 def class_of(caption: str) -> str | None:
     """The class a caption names by its garment word ("a pair of trousers" -> "trouser"), or None."""
-    match = _CLASS_RE.search(caption.lower())
+    from xmodal.data.text import tokenize
+
+    match = _CLASS_RE.search(" ".join(tokenize(caption)))
     if match is None:
         return None
     word = match.group(1)

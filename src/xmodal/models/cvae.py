@@ -41,6 +41,7 @@ class CVAEConfig:
     # keeps every stage equally cheap, which is what makes it fast on a CPU
     channels: tuple[int, ...] = (128, 64, 32, 16, 8)
     cond_noise: float = 0.0  # > 0: unit-length sentence vector, jittered by noise of this std in training
+    temperature: float = 1.0  # generation: z drawn with the prior's std times this (< 1: likelier, less varied)
     recon_sigma: float = 0.1  # std of the Gaussian likelihood, in [-1, 1] pixel units
     kl_warmup_steps: int = 500
     layout: LayoutConfig | None = None  # None: no layout stage
@@ -144,4 +145,4 @@ class ConditionalVAE(TextToImageModel):
         maps, _ = self.layout_maps(tokens, mask, self.map_sizes, seeds=seeds)
         mu_p, logvar_p = self.prior(cond).chunk(2, dim=-1)
         eps = self.noise(seeds, (self.config.z_dim,), cond.device)
-        return self.decode(mu_p + eps * (0.5 * logvar_p).exp(), cond, maps)
+        return self.decode(mu_p + self.config.temperature * eps * (0.5 * logvar_p).exp(), cond, maps)

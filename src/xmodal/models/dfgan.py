@@ -5,7 +5,8 @@ As in the paper: a one-stage generator whose blocks fuse the text deeply through
 text-conditioned affine transforms (scale and shift predicted from the condition), a
 discriminator that judges image and sentence together, the hinge loss with the
 mismatched-text term, and the matching-aware gradient penalty (MA-GP, k = 2, p = 6) on
-real images with matching text. Differences: 64 px and narrow for a CPU; the condition
+real images with matching text. Differences: 32 or 64 px (grayscale with `image_channels = 1`,
+returned in 3 equal channels) and narrow for a CPU; the condition
 of each affine is the noise and sentence vector together (as in DF-GAN's later code);
 and the generator and discriminator are updated together from one `loss()` — the
 discriminator's parameters are detached inside the generator's term and the fake images
@@ -35,10 +36,11 @@ from xmodal.models.text_encoders import TextEncoderConfig
 @dataclass
 class DFGANConfig:
     text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig("learned", 128))
-    image_size: int = 64
+    image_size: int = 64  # 32 or 64
     image_preset: str = "shapes64"  # preprocessing of the training images (xmodal.data.images.make_transform)
+    image_channels: int = 3  # 1: grayscale
     z_dim: int = 64
-    # generator channels at 4, 8, 16, 32, 64 px; the discriminator mirrors them (64 -> 4 px).
+    # generator channels at 4, 8, ..., image_size px; the discriminator mirrors them (image_size -> 4 px).
     # Halving per stage keeps every stage equally cheap: fast on a CPU.
     channels: tuple[int, ...] = (128, 64, 32, 16, 8)
     gp_weight: float = 2.0  # MA-GP k
@@ -84,18 +86,18 @@ class GBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, z_dim: int, cond_dim: int, chans: list[int], map_channels: int = 0):
+    def __init__(self, z_dim: int, cond_dim: int, chans: list[int], map_channels: int = 0, out_channels: int = 3):
         super().__init__()
         self.fc = nn.Linear(z_dim, chans[0] * 16)
         self.blocks = nn.ModuleList(GBlock(a, b, z_dim + cond_dim, map_channels) for a, b in zip(chans[:-1], chans[1:]))
-        self.to_rgb = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(chans[-1], 3, 3, 1, 1), nn.Tanh())
+        self.to_rgb = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(chans[-1], out_channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z, sentence, maps=None):  # z (B, Z), sentence (B, E), maps: layout maps at 8..64 px
         cond = torch.cat([z, sentence], dim=-1)
         x = self.fc(z).view(z.size(0), -1, 4, 4)  # (B, C0, 4, 4)
         for i, block in enumerate(self.blocks):
             x = block(x, cond, maps[i] if maps is not None else None)
-        return self.to_rgb(x)  # (B, 3, 64, 64)
+        return self.to_rgb(x).expand(-1, 3, -1, -1)  # (B, 3, S, S); grayscale in 3 equal channels
 
 
 class DBlock(nn.Module):
@@ -133,17 +135,20 @@ class DFGAN(TextToImageModel):
 
     def __init__(self, config: DFGANConfig, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)
-        if config.image_size != 64:
-            raise ValueError(f"dfgan is built for 64 px images, got image_size={config.image_size}")
-        if len(config.channels) != 5:
-            raise ValueError(f"channels must give 5 widths (4, 8, 16, 32, 64 px), got {config.channels}")
+        if config.image_size not in (32, 64):
+            raise ValueError(f"dfgan draws 32 or 64 px images, got image_size={config.image_size}")
+        if config.image_channels not in (1, 3):
+            raise ValueError(f"image_channels must be 1 (grayscale) or 3, got {config.image_channels}")
+        sizes = [4 * 2 ** i for i in range(4 if config.image_size == 32 else 5)]
+        if len(config.channels) != len(sizes):
+            raise ValueError(f"channels must give {len(sizes)} widths ({', '.join(map(str, sizes))} px), "
+                             f"got {config.channels}")
+        self.map_sizes = tuple(sizes[1:])  # where the generator blocks read the layout map
         e = self.text_encoder.out_dim
         m = self.layout.config.channels if self.layout is not None else 0
-        self.generator = Generator(config.z_dim, e, list(config.channels), m)
+        self.generator = Generator(config.z_dim, e, list(config.channels), m, config.image_channels)
         self.discriminator = Discriminator(e, list(config.channels), m)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps done, for the lazy penalty
-
-    MAP_SIZES = (8, 16, 32, 64)  # where the generator blocks read the layout map
 
     def param_groups(self) -> list[dict]:
         g = list(self.generator.parameters())
@@ -157,8 +162,8 @@ class DFGAN(TextToImageModel):
         b = images.size(0)
         tokens, mask, sentence = self.encode_text(texts)  # (B, T, E), (B, T), (B, E)
         maps, layout_nll, full = None, None, None
-        if self.layout is not None:  # the true boxes, painted at 8..64 px; the discriminator reads the 64 px map
-            maps, layout_nll = self.layout_maps(tokens, mask, self.MAP_SIZES, batch=batch)
+        if self.layout is not None:  # the true boxes, painted at 8..S px; the discriminator reads the S px map
+            maps, layout_nll = self.layout_maps(tokens, mask, self.map_sizes, batch=batch)
             full = maps[-1]
         z = torch.randn(b, self.config.z_dim, device=images.device)
         fake = self.generator(z, sentence.detach(), [m.detach() for m in maps] if maps else None)
@@ -193,6 +198,6 @@ class DFGAN(TextToImageModel):
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):
         tokens, mask, sentence = self.encode_text(texts, strict=strict)
-        maps, _ = self.layout_maps(tokens, mask, self.MAP_SIZES, seeds=seeds)
+        maps, _ = self.layout_maps(tokens, mask, self.map_sizes, seeds=seeds)
         z = self.noise(seeds, (self.config.z_dim,), sentence.device)
         return self.generator(z, sentence, maps)

@@ -1,0 +1,118 @@
+"""Fashion-MNIST in both directions: the captioner, the generators, and training from shards.
+
+    xmodal data fashion-mnist data/fashion-mnist          # once (Debian's dataset-fashion-mnist)
+    python benchmarks/fashion.py captioner [--model fashion-captioner]
+    python benchmarks/fashion.py generator [--model fashion-generator] [--count 1000]
+    python benchmarks/fashion.py shards [--steps 150]     # steps/s from shards against a folder
+
+captioner: the class the caption names on all 10,000 test images (greedy), per class, and
+captions/s batched (256) with the median latency of one image.
+generator: one image per test record, drawn from its canonical caption and from the
+open-vocabulary prompts of its class (`xmodal evaluate generator --prompts novel`), class read
+back by `fashion-captioner`; FID / KID in that captioner's feature space against the real test
+images, next to real training images (the floor) and each class's mean image (the prototype
+reference, what collapse looks like); images/s batched (128).
+shards: the captioner recipe's steps/s reading the training set from a folder and from
+WebDataset shards (written to a temporary folder), same steps, same threads.
+Everything goes through the tasks' `measure` (via `xmodal.evaluation`), as `xmodal evaluate` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import xmodal
+from xmodal import evaluation
+from xmodal.data.prepared import read_records
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def captioner(args) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        metrics = evaluation.evaluate_captioner(args.model, args.data, out, split="test", limit=0, beam=1,
+                                                meteor=False)
+    pipe = xmodal.load(args.model)
+    records = read_records(args.data, "test")[:256]
+    images = [Image.open(Path(args.data) / r["image"]).convert("RGB") for r in records]
+    pipe(images[:8])  # warm up
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        pipe(images, batch_size=256)
+        rates.append(len(images) / (time.perf_counter() - start))
+    latencies = []
+    for image in images[:30]:
+        start = time.perf_counter()
+        pipe([image])
+        latencies.append(time.perf_counter() - start)
+    keep = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and k != "seconds"}
+    return {"model": args.model, "test_images": metrics["images"], **keep, "captions_per_s_batched": round(max(rates), 1),
+            "single_image_ms_median": round(1000 * statistics.median(latencies), 2), "threads": torch.get_num_threads()}
+
+
+def generator(args) -> dict:
+    result: dict = {"model": args.model, "count": args.count, "threads": torch.get_num_threads()}
+    for prompts in ("canonical", "novel"):
+        with tempfile.TemporaryDirectory() as out:
+            metrics = evaluation.evaluate_generator(args.model, args.data, out, split="test", limit=args.count,
+                                                    seed=args.seed, prompts=prompts)
+        result[prompts] = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and k != "seconds"}
+    pipe = xmodal.load(args.model)
+    prompts = ["a pair of trousers", "a dress", "an ankle boot", "a bag"] * 32
+    pipe(prompts[:8])  # warm up
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        pipe(prompts, batch_size=128)
+        rates.append(len(prompts) / (time.perf_counter() - start))
+    result["images_per_s_batched"] = round(max(rates), 1)
+    return result
+
+
+def shards(args) -> dict:
+    from xmodal.data.fashion import import_fashion_mnist
+    from xmodal.training.recipes import run_training
+
+    config = REPO / "configs" / "fashion-captioner.toml"
+    common = [f"--train.steps={args.steps}", "--train.eval_every=0", "--train.checkpoint_every=0",
+              "--train.progress=false", "--data.eval_count=0"]
+    out: dict = {"steps": args.steps, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        written = import_fashion_mnist(Path(tmp) / "shards", args.source, "train", "webdataset", 5000, progress=False)
+        sources = {"folder": [f"--data.path={args.data}"],
+                   "shards": [f"--data.path={written['shards']['train']}"]}
+        for name, data in sources.items():
+            summary = run_training(config, [*common, *data, f"--train.out_dir={Path(tmp) / name}"])
+            out[f"{name}_steps_per_s"] = summary["steps_per_s"]
+    out["shards_over_folder"] = round(out["shards_steps_per_s"] / out["folder_steps_per_s"], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=["captioner", "generator", "shards"])
+    parser.add_argument("--model")
+    parser.add_argument("--data", default="data/fashion-mnist", help="the prepared Fashion-MNIST folder")
+    parser.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="idx files (shards)")
+    parser.add_argument("--count", type=int, default=1000, help="generator: test records drawn")
+    parser.add_argument("--steps", type=int, default=150, help="shards: training steps per source")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not Path(args.data, "captions.jsonl").is_file():
+        sys.exit(f"{args.data}: no prepared Fashion-MNIST; run `xmodal data fashion-mnist {args.data}` first")
+    args.model = args.model or {"captioner": "fashion-captioner", "generator": "fashion-generator"}.get(args.what)
+    print(json.dumps({"captioner": captioner, "generator": generator, "shards": shards}[args.what](args)))
+
+
+if __name__ == "__main__":
+    main()
