@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from xmodal.models.generation import TextToImageModel
+from xmodal.models.generation import TextToImageModel, stage_sizes
 from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
 from xmodal.models.text_encoders import TextEncoderConfig
@@ -78,13 +78,7 @@ class ConditionalVAE(TextToImageModel):
     def __init__(self, config: CVAEConfig, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)
         c, e = config, self.text_encoder.out_dim
-        if c.image_size not in (32, 64):
-            raise ValueError(f"the cvae draws 32 or 64 px images, got image_size={c.image_size}")
-        if c.image_channels not in (1, 3):
-            raise ValueError(f"image_channels must be 1 (grayscale) or 3, got {c.image_channels}")
-        sizes = [4 * 2 ** i for i in range(4 if c.image_size == 32 else 5)]
-        if len(c.channels) != len(sizes):
-            raise ValueError(f"channels must give {len(sizes)} widths ({', '.join(map(str, sizes))} px), got {c.channels}")
+        sizes = stage_sizes("the cvae", c.image_size, c.image_channels, c.channels)
         self.map_sizes = tuple(sizes[1:])  # where the decoder stages read the layout map
         chans = list(c.channels)
         layers, cin = [], 3

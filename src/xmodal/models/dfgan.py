@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from xmodal.models.generation import TextToImageModel
+from xmodal.models.generation import TextToImageModel, stage_sizes
 from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
 from xmodal.models.text_encoders import TextEncoderConfig
@@ -135,14 +135,7 @@ class DFGAN(TextToImageModel):
 
     def __init__(self, config: DFGANConfig, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)
-        if config.image_size not in (32, 64):
-            raise ValueError(f"dfgan draws 32 or 64 px images, got image_size={config.image_size}")
-        if config.image_channels not in (1, 3):
-            raise ValueError(f"image_channels must be 1 (grayscale) or 3, got {config.image_channels}")
-        sizes = [4 * 2 ** i for i in range(4 if config.image_size == 32 else 5)]
-        if len(config.channels) != len(sizes):
-            raise ValueError(f"channels must give {len(sizes)} widths ({', '.join(map(str, sizes))} px), "
-                             f"got {config.channels}")
+        sizes = stage_sizes("dfgan", config.image_size, config.image_channels, config.channels)
         self.map_sizes = tuple(sizes[1:])  # where the generator blocks read the layout map
         e = self.text_encoder.out_dim
         m = self.layout.config.channels if self.layout is not None else 0

@@ -20,6 +20,19 @@ from xmodal.models.layout import LayoutModel, layout_generators
 from xmodal.models.with_text import WithTextEncoder
 
 
+def stage_sizes(name: str, image_size: int, image_channels: int, channels: Sequence[int]) -> list[int]:
+    """The sides 4, 8, ..., image_size of a generator that doubles per stage, one width in
+    `channels` each; a 32 or 64 px, grayscale (1) or colour (3) picture, else a clear error."""
+    if image_size not in (32, 64):
+        raise ValueError(f"{name} draws 32 or 64 px images, got image_size={image_size}")
+    if image_channels not in (1, 3):
+        raise ValueError(f"image_channels must be 1 (grayscale) or 3, got {image_channels}")
+    sizes = [4 * 2 ** i for i in range(4 if image_size == 32 else 5)]
+    if len(channels) != len(sizes):
+        raise ValueError(f"channels must give {len(sizes)} widths ({', '.join(map(str, sizes))} px), got {channels}")
+    return sizes
+
+
 class TextToImageModel(WithTextEncoder):
     """Generators may add a layout stage (`xmodal.models.layout`): `config.layout` set builds
     `self.layout`, and `layout_maps()` gives the map the image generator paints from."""
