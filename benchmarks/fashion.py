@@ -1,7 +1,7 @@
 """Fashion-MNIST in both directions: the captioner, the generators, and training from shards.
 
     xmodal data fashion-mnist data/fashion-mnist          # once (Debian's dataset-fashion-mnist)
-    python benchmarks/fashion.py captioner [--model fashion-captioner]
+    python benchmarks/fashion.py captioner [--model fashion-captioner] [--bf16]
     python benchmarks/fashion.py generator [--model fashion-generator] [--count 1000]
     python benchmarks/fashion.py shards [--steps 150]     # steps/s from shards against a folder
 
@@ -107,11 +107,14 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000, help="generator: test records drawn")
     parser.add_argument("--steps", type=int, default=150, help="shards: training steps per source")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as xmodal evaluate --bf16)")
     args = parser.parse_args()
     if not Path(args.data, "captions.jsonl").is_file():
         sys.exit(f"{args.data}: no prepared Fashion-MNIST; run `xmodal data fashion-mnist {args.data}` first")
     args.model = args.model or {"captioner": "fashion-captioner", "generator": "fashion-generator"}.get(args.what)
-    print(json.dumps({"captioner": captioner, "generator": generator, "shards": shards}[args.what](args)))
+    with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        result = {"captioner": captioner, "generator": generator, "shards": shards}[args.what](args)
+    print(json.dumps({**result, "bf16": args.bf16}))
 
 
 if __name__ == "__main__":
