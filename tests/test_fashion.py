@@ -296,3 +296,4 @@ def test_evaluate_generator_on_fashion_records(tmp_path):
                  "--quiet"]) == 0
     only_test = evaluation.evaluate_generator("fashion-generator", tmp_path / "t", tmp_path / "ev2", limit=12)
     assert "generated_fid" in only_test and "floor_fid" not in only_test
+

@@ -94,7 +94,7 @@ class PretrainedModel(Capable, nn.Module):
         (folder / "config.json").write_text(json.dumps(meta, indent=2))
         packaged = self.packaged_prefixes()
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()
-                 if not k.startswith(packaged) or not packaged}
+                 if not (packaged and k.startswith(packaged))}  # a package holds those
         save_file(_untie(state), str(folder / "model.safetensors"))
         self.save_assets(folder)
         (folder / "README.md").write_text(card or default_card(meta))

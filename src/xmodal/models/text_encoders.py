@@ -185,7 +185,7 @@ class BertTextEncoder(nn.Module):
         self.tokenizer = None  # set by load_assets / prepare
         self.trainable = spec.trainable
         self.bert.requires_grad_(self.trainable)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # frozen: text -> (tokens, pooled)
+        self._cache: dict[str, tuple] = {}  # frozen: text -> (tokens, pooled, has unknown word pieces)
         self._cache_key: tuple | None = None  # the device and weights version the cache was made with
 
     def train(self, mode: bool = True):
@@ -223,16 +223,19 @@ class BertTextEncoder(nn.Module):
         if key != self._cache_key:
             self._cache, self._cache_key = {}, key
         cache = self._cache
+        cached_unknown = [t for t in dict.fromkeys(texts) if t in cache and cache[t][2]]
+        if cached_unknown:  # reported again each time, as an uncached text's are
+            self._check_unknown(cached_unknown, strict)
         missing = list(dict.fromkeys(t for t in texts if t not in cache))
-        if strict and not missing:
-            self._check_unknown(texts, strict)
         if missing:
             with torch.no_grad(), torch.autocast(self.bert.device.type, enabled=False):
                 tokens, mask, pooled = self._encode(missing, strict)
+                ids = self.tokenizer(missing, padding=True, truncation=True, max_length=self.spec.max_len)["input_ids"]
             if len(cache) + len(missing) > self.CACHE_SIZE:
                 cache.clear()
             for i, t in enumerate(missing):
-                cache[t] = (tokens[i, : int(mask[i].sum())].float(), pooled[i].float())
+                cache[t] = (tokens[i, : int(mask[i].sum())].float(), pooled[i].float(),
+                            self.tokenizer.unk_token_id in ids[i])
         rows = [cache[t] for t in texts]
         tokens = nn.utils.rnn.pad_sequence([r[0] for r in rows], batch_first=True)  # (B, T, D)
         lengths = torch.tensor([len(r[0]) for r in rows], device=tokens.device)
