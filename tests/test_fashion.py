@@ -297,3 +297,13 @@ def test_evaluate_generator_on_fashion_records(tmp_path):
     only_test = evaluation.evaluate_generator("fashion-generator", tmp_path / "t", tmp_path / "ev2", limit=12)
     assert "generated_fid" in only_test and "floor_fid" not in only_test
 
+
+
+def test_ranks_fill_the_same_steps_in_every_epoch_with_uneven_shards(tmp_path):
+    data = ShardDataset(f"{import_shards(tmp_path, shard_size=9)}/train-{{000000..000004}}.tar", "train")
+    assert data.counts == [9] * 4 + [4]
+    per_epoch = data.steps_per_epoch(8, world=2)  # a rank may be dealt the 2 smallest shards: 13 records
+    assert per_epoch == 3
+    for rank in (0, 1):  # every epoch deals the shards anew; no rank runs short (DDP would hang)
+        batches = list(data.batches(8, seed=5, start=0, total=5 * per_epoch, rank=rank, world=2))
+        assert len(batches) == 5 * per_epoch and all(len(b) == 4 for b in batches)

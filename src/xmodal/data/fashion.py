@@ -128,19 +128,21 @@ def load_split(source: str | Path, part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_items(source: str | Path, split: str):
-    """(split name, index in its file, image, label) for every image of `split`, in order."""
+    """(split name, index in its file, image, label) for every image of `split`, in order. Every
+    file the split needs is read and checked before the first item is given."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {SPLITS}")
-    if split in ("train", "val", "all"):
-        images, labels = load_split(source, "train")
+    parts = {part: load_split(source, part) for part in ("train", "test")
+             if split == "all" or (part == "test") == (split == "test")}
+    if "train" in parts:
+        images, labels = parts["train"]
         cut = min(TRAIN_COUNT, len(images))
-        ranges = {"train": range(cut), "val": range(cut, len(images))}
-        for name in ("train", "val"):
+        for name, indices in (("train", range(cut)), ("val", range(cut, len(images)))):
             if split in (name, "all"):
-                for i in ranges[name]:
+                for i in indices:
                     yield name, i, images[i], int(labels[i])
-    if split in ("test", "all"):
-        images, labels = load_split(source, "test")
+    if "test" in parts:
+        images, labels = parts["test"]
         for i in range(len(images)):
             yield "test", i, images[i], int(labels[i])
 
@@ -166,6 +168,7 @@ def import_fashion_mnist(out: str | Path, source: str | Path = DEFAULT_SOURCE, s
     """Write `split` of Fashion-MNIST into `out`: a prepared folder (`fmt="folder"`), or WebDataset
     shards `out/SPLIT-000000.tar`, ... of `shard_size` records (`fmt="webdataset"`). Returns counts
     per split and, for shards, each split's shard pattern."""
+    import itertools
     import time
 
     from tqdm import tqdm
@@ -178,14 +181,15 @@ def import_fashion_mnist(out: str | Path, source: str | Path = DEFAULT_SOURCE, s
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {SPLITS}")
     source = Path(source)
-    for part in (("test",) if split == "test" else ("train",) if split in ("train", "val") else ("train", "test")):
-        load_split(source, part)  # every file read and checked before anything is written
     start = time.perf_counter()
     counts: dict[str, int] = {}
+    stream = split_items(source, split)
+    first = next(stream, None)  # every file read and checked before anything is written
 
     def items():
-        for name, index, pixels, label in tqdm(split_items(source, split), desc=f"fashion-mnist {split}",
-                                               unit="img", disable=not progress, mininterval=1.0):
+        for name, index, pixels, label in tqdm(itertools.chain([first] if first else [], stream),
+                                               desc=f"fashion-mnist {split}", unit="img", disable=not progress,
+                                               mininterval=1.0):
             counts[name] = counts.get(name, 0) + 1
             yield fashion_record(name, index, label, f"images/{name}-{index:05d}.png"), pixels
 

@@ -148,21 +148,18 @@ class ShardDataset(IterableDataset):
         return [(r, png) for r, png in _members(self.paths[index], with_images=True)
                 if self.split is None or r.get("split") == self.split]
 
+    def _stored(self) -> Iterator[tuple[dict, bytes]]:
+        for i in range(len(self.paths)):
+            yield from self._shard_items(i)
+
     def __iter__(self):
         """Every item once, in stored order (evaluation, export)."""
-        for i in range(len(self.paths)):
-            for record, png in self._shard_items(i):
-                yield self._item(record, png)
+        return (self._item(record, png) for record, png in self._stored())
 
     def take(self, count: int) -> list[tuple[dict, Image.Image]]:
         """The first `count` (record, PIL image) pairs in stored order, read into memory."""
-        out = []
-        for i in range(len(self.paths)):
-            for record, png in self._shard_items(i):
-                if len(out) == count:
-                    return out
-                out.append((record, load_image(io.BytesIO(png), name=f"{self.pattern}:{record['image']}")))
-        return out
+        return [(record, load_image(io.BytesIO(png), name=f"{self.pattern}:{record['image']}"))
+                for record, png in itertools.islice(self._stored(), count)]
 
     # ------------------------------------------------------------------ training stream
 
@@ -177,13 +174,14 @@ class ShardDataset(IterableDataset):
         order = torch.randperm(len(self.paths), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         return order.tolist()[rank::world]
 
-    def steps_per_epoch(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> int:
-        """Batches per epoch: the fewest any rank can fill (each rank reads its own shards)."""
+    def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
+        """Batches per epoch: the fewest any rank can fill in any epoch (each rank reads its own
+        shards, drawn anew every epoch, so at least the len(paths) // world smallest ones)."""
         if len(self.paths) < world:
             raise ShardError(f"{self.pattern}: {len(self.paths)} shard(s) for {world} processes; "
                              "each process needs at least one (write smaller shards)")
         per_rank = batch_size // world
-        fewest = min(sum(self.counts[i] for i in range(len(self.paths))[r::world]) for r in range(world))
+        fewest = sum(sorted(self.counts)[: len(self.paths) // world])
         if fewest < per_rank:
             raise ShardError(f"{self.pattern}: {fewest} records for a process, fewer than one batch of {per_rank}")
         return fewest // per_rank
@@ -191,7 +189,7 @@ class ShardDataset(IterableDataset):
     def batches(self, batch_size: int, seed: int, start: int, total: int, rank: int = 0,
                 world: int = 1) -> Iterator[list]:
         """The item lists of steps start..total-1 for this rank (`batch_size` is the global batch)."""
-        per_epoch = self.steps_per_epoch(batch_size, seed, rank, world)
+        per_epoch = self.steps_per_epoch(batch_size, world)
         per_rank = batch_size // world
         step = start
         while step < total:

@@ -78,8 +78,14 @@ class PretrainedModel(Capable, nn.Module):
     def config_for_saving(self) -> dict:
         return dataclasses.asdict(self.config)
 
-    def save_pretrained(self, folder: str | Path, card: str | None = None, extra: dict | None = None) -> Path:
+    def save_pretrained(self, folder: str | Path, card: str | None = None, extra: dict | None = None,
+                        dtype: str = "float32") -> Path:
+        """Write the folder; `dtype="float16"` stores floating weights at half the size (they load
+        back into the model's float32 parameters)."""
         from safetensors.torch import save_file
+
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype {dtype!r} is not one of ('float32', 'float16')")
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -89,12 +95,15 @@ class PretrainedModel(Capable, nn.Module):
             "task": self.task,
             "config": self.config_for_saving(),
             "xmodal_version": __version__,
+            **({"weights_dtype": dtype} if dtype != "float32" else {}),
             **(extra or {}),
         }
         (folder / "config.json").write_text(json.dumps(meta, indent=2))
         packaged = self.packaged_prefixes()
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()
                  if not (packaged and k.startswith(packaged))}  # a package holds those
+        if dtype == "float16":
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         save_file(_untie(state), str(folder / "model.safetensors"))
         self.save_assets(folder)
         (folder / "README.md").write_text(card or default_card(meta))

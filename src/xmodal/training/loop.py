@@ -59,6 +59,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_every: int = 500  # steps; 0 saves only at the end
     keep_checkpoints: int = 3  # the newest K checkpoints are kept, each with a SHA-256
+    save_dtype: Literal["float32", "float16"] = "float32"  # weights of the exported model folder (checkpoints stay fp32)
     log_every: int = 10
     eval_every: int = 0  # steps; 0 disables evaluation (and early stopping)
     early_stop_metric: str = ""  # a key of the evaluation dict; empty: no early stopping
@@ -76,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"train.lr_schedule {self.lr_schedule!r} is not one of ('constant', 'cosine')")
+        if self.save_dtype not in ("float32", "float16"):
+            raise ValueError(f"train.save_dtype {self.save_dtype!r} is not one of ('float32', 'float16')")
         if self.early_stop_mode not in ("max", "min"):
             raise ValueError(f"train.early_stop_mode {self.early_stop_mode!r} is not one of ('max', 'min')")
         if not 0.0 <= self.ema < 1.0:
@@ -127,8 +130,6 @@ class StepBatchSampler(Sampler[list[int]]):
     """Yields the indices of steps start..total-1; the batch of a step depends only on the step."""
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int, dist_info: DistInfo):
-        if batch_size % dist_info.world:
-            raise ValueError(f"batch_size {batch_size} must divide evenly across {dist_info.world} processes")
         if n < batch_size:
             raise ValueError(f"the data set has {n} items, fewer than one batch of {batch_size}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
@@ -242,7 +243,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.dataset, self.collate_fn = dataset, collate_fn
         self.evaluate_fn, self.on_step = evaluate, on_step
-        self.save_model_fn = save_model or (lambda m, folder: m.save_pretrained(folder))
+        self.save_model_fn = save_model or (lambda m, folder: m.save_pretrained(folder, dtype=config.save_dtype))
         self.out_dir = Path(config.out_dir)
         # a model may split its parameters into groups with their own `lr_scale` (e.g. GAN G and D)
         groups = model.param_groups()
@@ -400,10 +401,9 @@ class Trainer:
         c = self.config
         from xmodal.data.shards import ShardDataset, StepBatches
 
+        if c.batch_size % self.dist.world:
+            raise ValueError(f"batch_size {c.batch_size} must divide evenly across {self.dist.world} processes")
         if isinstance(self.dataset, ShardDataset):  # streamed shards: their order is also a function of the step
-
-            if c.batch_size % self.dist.world:
-                raise ValueError(f"batch_size {c.batch_size} must divide evenly across {self.dist.world} processes")
             stream = StepBatches(self.dataset, c.batch_size, c.seed, self.step, c.steps, self.dist.rank, self.dist.world)
             return DataLoader(stream, batch_size=None, collate_fn=self.collate_fn, num_workers=min(c.num_workers, 1),
                               generator=torch.Generator().manual_seed(c.seed + self.step))  # not the global RNG
