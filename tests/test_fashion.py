@@ -307,3 +307,21 @@ def test_ranks_fill_the_same_steps_in_every_epoch_with_uneven_shards(tmp_path):
     for rank in (0, 1):  # every epoch deals the shards anew; no rank runs short (DDP would hang)
         batches = list(data.batches(8, seed=5, start=0, total=5 * per_epoch, rank=rank, world=2))
         assert len(batches) == 5 * per_epoch and all(len(b) == 4 for b in batches)
+
+
+def test_float16_model_folder_is_half_the_size_and_loads(tmp_path):
+    from xmodal.models.hub import load_model
+    from xmodal.models.registry import create_model
+    from xmodal.tasks.text_encoders import prepare_text_encoder
+
+    encoder, _ = prepare_text_encoder({"kind": "learned", "dim": 16}, ["a bag"])
+    model = create_model("cvae", text_encoder=encoder, image_size=32, channels=(16, 8, 8, 4), z_dim=4).eval()
+    model.save_pretrained(tmp_path / "f32")
+    model.save_pretrained(tmp_path / "f16", dtype="float16")
+    sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("f32", "f16")]
+    assert sizes[1] < 0.6 * sizes[0]
+    loaded = load_model(tmp_path / "f16")
+    assert next(loaded.parameters()).dtype == torch.float32
+    torch.testing.assert_close(loaded.generate(["a bag"], [3]), model.generate(["a bag"], [3]), atol=5e-3, rtol=0)
+    with pytest.raises(ValueError, match="not one of"):
+        model.save_pretrained(tmp_path / "x", dtype="int8")
