@@ -65,6 +65,7 @@ def test_read_idx_gzip_and_raw(tmp_path):
     (lambda b: b + b"xx", "trailing data"),
     (lambda b: gzip.compress(b)[:-12], "corrupt or truncated gzip"),
     (lambda b: b"", "not an idx file"),
+    (lambda b: b[:4] + b"\xff" * 12 + b[16:], "truncated"),  # a huge stated shape: no overflow
 ])
 def test_read_idx_refuses_damage(tmp_path, damage, message):
     path = tmp_path / "x"

@@ -15,6 +15,7 @@ photos, 28x28 grayscale, 10 classes, from the original idx files (Debian's
 from __future__ import annotations
 
 import gzip
+import math
 import re
 import zlib
 from pathlib import Path
@@ -104,7 +105,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < 4 + 4 * dims:
         raise IdxFormatError(f"{path}: truncated header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # Python ints: a corrupt header cannot overflow
     body = len(raw) - 4 - 4 * dims
     if body != expected:
         raise IdxFormatError(f"{path}: header says shape {shape} ({expected} bytes) but the file holds {body} "
