@@ -34,7 +34,7 @@ def shapes_batch():
 
 def tiny(name, vocab, **kw):
     torch.manual_seed(0)
-    model = create_model(name, vocab=vocab, **TINY[name], **kw)
+    model = create_model(name, vocab=vocab, **{**TINY[name], **kw})
     return model
 
 
@@ -221,3 +221,21 @@ def test_pipeline_api(shapes_batch, tmp_path):
         pipe([42])
     with pytest.raises(ModelLoadError):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_transformer_kv_cache_step_matches_the_full_decoder(shapes_batch, layers):
+    """Decoding word by word with cached keys/values gives the log-probabilities and attention of
+    running the whole prefix through the decoder at every step."""
+    vocab, batch = shapes_batch
+    model = tiny("transformer-captioner", vocab, n_layers=layers).eval()
+    tokens = batch["tokens"][:, :6]
+    with torch.no_grad():
+        memory = model.encode_images(batch["images"])
+        full, weights = model._decode(memory["memory"], tokens, need_weights=True)
+        state = model.init_state(memory)
+        for t in range(tokens.size(1)):
+            log_probs, state, attention = model.step(state, tokens[:, t])
+            torch.testing.assert_close(log_probs, full[:, t].float().log_softmax(-1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(attention, weights[:, t], atol=1e-6, rtol=1e-5)
+        assert state["k0"].shape[2] == tokens.size(1)  # one cached key per word so far

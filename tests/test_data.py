@@ -98,3 +98,36 @@ def test_reader_errors_name_the_line(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"image": "a.png", "captions": ["x"]}\n{oops\n')
     with pytest.raises(DataFormatError, match=":2: invalid JSON"):
         read_records(tmp_path)
+
+
+def test_evaluation_presets_match_torchvision_exactly():
+    """The torchvision-free evaluation presets give torchvision's tensors bit for bit."""
+    from torchvision.transforms import v2
+
+    from xmodal.data.images import IMAGENET_MEAN, IMAGENET_STD, _PadOrResize
+
+    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    half = v2.Normalize([0.5] * 3, [0.5] * 3)
+    reference = {
+        "shapes64": v2.Compose([v2.Resize((64, 64), antialias=True), *to_float, half]),
+        "small64": v2.Compose([v2.Resize(64, antialias=True), v2.CenterCrop(64), *to_float, half]),
+        "gray32": v2.Compose([v2.Grayscale(3), _PadOrResize(32), *to_float, half]),
+        "imagenet224": v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), *to_float,
+                                   v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+    }
+    rng = np.random.default_rng(0)
+    for width, height in [(64, 64), (28, 28), (100, 37), (37, 100), (300, 500), (31, 33), (3, 5)]:
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for preset, transform in reference.items():
+            assert torch.equal(make_transform(preset)(img), transform(img)), (preset, width, height)
+
+
+def test_captioning_does_not_import_torchvision():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, xmodal; from xmodal.data.images import make_transform; "
+            "make_transform('gray32'); make_transform('shapes64'); import xmodal.pipelines; "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -21,6 +21,7 @@ from xmodal.data.fashion import (
     CLASSES,
     NOVEL_PROMPTS,
     TEMPLATES,
+    VAL_NOVEL_PROMPTS,
     IdxFormatError,
     class_of,
     read_idx,
@@ -80,9 +81,11 @@ def test_captions_name_their_class_and_novel_prompts_use_new_words():
     assert set(TEMPLATES) == set(CLASSES) and class_of("a cat") is None
     training_words = {w for ts in TEMPLATES.values() for t in ts for w in tokenize(t)}
     function_words = {"a", "an", "of", "pair"}
-    for prompt in NOVEL_PROMPTS:
+    for prompt in [*NOVEL_PROMPTS, *VAL_NOVEL_PROMPTS]:
         assert not (set(tokenize(prompt)) - function_words) & training_words, prompt
         assert class_of(prompt) is None  # no class word: only a pretrained text encoder can place it
+    test_words = {w for p in NOVEL_PROMPTS for w in tokenize(p)} - function_words
+    assert not test_words & {w for p in VAL_NOVEL_PROMPTS for w in tokenize(p)}  # choosing never saw the test
 
 
 def test_class_scores():

@@ -76,31 +76,80 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def make_transform(preset: Preset = "shapes64"):
     """PIL image -> normalized float tensor (3, H, W), by preset name.
 
+    The evaluation presets are plain Pillow and numpy (`Preprocess`), giving the same tensors as
+    the torchvision pipelines they replace, so that captioning an image never imports torchvision
+    (whose import pulls in torch._dynamo: over a second of start-up); the training presets use
+    torchvision's random transforms.
+
     - `shapes64`: 64x64 as is (resized if needed), scaled to [-1, 1].
     - `small64`: shorter side to 64, centre crop 64, scaled to [-1, 1] (any photo for small models).
     - `gray32`: grayscale (in 3 equal channels), a 28x28 picture padded with black to 32x32
       (Fashion-MNIST's garments are light on black), others resized to 32x32; scaled to [-1, 1].
-    - `gray32-train`: `gray32` shifted by up to 2 pixels and flipped left-right at random (training).
+    - `gray32-train`: `gray32` shifted by up to 2 pixels and flipped left-right at random, and on half
+      the pictures a random rectangle (2-25% of the area) painted black (random erasing, Zhong et
+      al. 2020), for training.
     - `imagenet224`: shorter side to 256, centre crop 224, ImageNet mean/std.
     - `imagenet224-train`: random resized crop 224 and horizontal flip, ImageNet mean/std.
     """
+    if preset in Preprocess.PRESETS:
+        return Preprocess(preset)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown image preset {preset!r}; valid: {PRESETS}")
     from torchvision.transforms import v2
 
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if preset == "shapes64":
-        return v2.Compose([v2.Resize((64, 64), antialias=True), *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
-    if preset == "small64":
-        return v2.Compose([v2.Resize(64, antialias=True), v2.CenterCrop(64), *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
-    if preset == "gray32":
-        return v2.Compose([v2.Grayscale(3), _PadOrResize(32), *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
     if preset == "gray32-train":
         return v2.Compose([v2.Grayscale(3), _PadOrResize(32), v2.RandomCrop(32, padding=2), v2.RandomHorizontalFlip(),
-                           *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
-    if preset == "imagenet224":
-        return v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), *to_float, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    if preset == "imagenet224-train":
-        return v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), *to_float, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    raise ValueError(f"unknown image preset {preset!r}; valid: {PRESETS}")
+                           *to_float, v2.RandomErasing(0.5, scale=(0.02, 0.25), value=0.0),
+                           v2.Normalize([0.5] * 3, [0.5] * 3)])
+    return v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), *to_float,
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # imagenet224-train
+
+
+class Preprocess:
+    """An evaluation preset: resize / crop / pad with Pillow, then scale and normalize in numpy."""
+
+    PRESETS = ("shapes64", "small64", "gray32", "imagenet224")
+
+    def __init__(self, preset: str):
+        if preset not in self.PRESETS:
+            raise ValueError(f"{preset!r} is not an evaluation preset; valid: {self.PRESETS}")
+        self.preset = preset
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if preset == "imagenet224" else ((0.5,) * 3, (0.5,) * 3)
+        self.mean = np.asarray(mean, np.float32)[:, None, None]
+        self.std = np.asarray(std, np.float32)[:, None, None]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.preset == "shapes64":
+            img = img.resize((64, 64), Image.BILINEAR)
+        elif self.preset == "small64":
+            img = _center_crop(_resize_shorter(img, 64), 64)
+        elif self.preset == "gray32":
+            img = _PadOrResize(32)(img.convert("L"))
+        else:
+            img = _center_crop(_resize_shorter(img, 256), 224)
+        array = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)  # as torchvision scales
+        array = np.repeat(array[None], 3, 0) if array.ndim == 2 else array.transpose(2, 0, 1)  # (3, H, W)
+        return torch.from_numpy(np.ascontiguousarray((array - self.mean) / self.std))
+
+    def __repr__(self) -> str:
+        return f"Preprocess({self.preset!r})"
+
+
+def _resize_shorter(img: Image.Image, side: int) -> Image.Image:
+    """The shorter side to `side`, the longer in proportion (rounded down, as torchvision does)."""
+    w, h = img.size
+    size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+    return img if size == img.size else img.resize(size, Image.BILINEAR)
+
+
+def _center_crop(img: Image.Image, side: int) -> Image.Image:
+    if img.width < side or img.height < side:  # torchvision pads with black
+        canvas = Image.new(img.mode, (max(side, img.width), max(side, img.height)))
+        canvas.paste(img, ((canvas.width - img.width) // 2, (canvas.height - img.height) // 2))
+        img = canvas
+    left, top = int(round((img.width - side) / 2.0)), int(round((img.height - side) / 2.0))
+    return img.crop((left, top, left + side, top + side))
 
 
 class _PadOrResize:

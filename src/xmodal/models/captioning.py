@@ -71,5 +71,5 @@ class Captioner(PretrainedModel):
         logits, aux = self(batch["images"], inputs)  # (B, T-1, V)
         target = tokens[:, 1:]
         xent = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
-                               ignore_index=Vocabulary.pad_id)
+                               ignore_index=Vocabulary.pad_id, label_smoothing=self.config.label_smoothing)
         return xent + aux, {"xent": xent.detach()}

@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from xmodal.models.generation import TextToImageModel, stage_sizes
+from xmodal.models.image_encoders import channels_last
 from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
 from xmodal.models.text_encoders import TextEncoderConfig
@@ -48,6 +49,11 @@ class DFGANConfig:
     lr_scale_g: float = 0.25  # generator lr = train.lr * this (DF-GAN: 1e-4 vs 4e-4)
     gp_every: int = 4  # lazy regularization (Karras et al. 2020): MA-GP every N steps, weighted by N
     layout: LayoutConfig | None = None  # None: no layout stage
+    # What made it train on a frozen pretrained text encoder (see the module docstring):
+    sentence_dim: int = 0  # > 0: G and D each map the sentence vector to this size (Linear, LeakyReLU) first
+    spectral_norm: bool = False  # spectral normalization of every discriminator weight (Miyato et al. 2018)
+    projection: bool = False  # add the projection term <W s, sum-pooled features> to D's score (Miyato & Koyama 2018)
+    temperature: float = 1.0  # generation: z drawn at this std (the truncation trick; < 1: typical over varied)
 
 
 class Affine(nn.Module):
@@ -85,16 +91,24 @@ class GBlock(nn.Module):
         return self.shortcut(x) + h
 
 
+def sentence_map(dim: int, out: int) -> nn.Module:
+    """The sentence vector as each network reads it: mapped to `out` dims when out > 0, else as it is."""
+    return nn.Sequential(nn.Linear(dim, out), nn.LeakyReLU(0.2)) if out > 0 else nn.Identity()
+
+
 class Generator(nn.Module):
-    def __init__(self, z_dim: int, cond_dim: int, chans: list[int], map_channels: int = 0, out_channels: int = 3):
+    def __init__(self, z_dim: int, cond_dim: int, chans: list[int], map_channels: int = 0, out_channels: int = 3,
+                 sentence_dim: int = 0):
         super().__init__()
+        self.sentence = sentence_map(cond_dim, sentence_dim)
+        cond_dim = sentence_dim or cond_dim
         self.fc = nn.Linear(z_dim, chans[0] * 16)
         self.blocks = nn.ModuleList(GBlock(a, b, z_dim + cond_dim, map_channels) for a, b in zip(chans[:-1], chans[1:]))
         self.to_rgb = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(chans[-1], out_channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z, sentence, maps=None):  # z (B, Z), sentence (B, E), maps: layout maps at 8..64 px
-        cond = torch.cat([z, sentence], dim=-1)
-        x = self.fc(z).view(z.size(0), -1, 4, 4)  # (B, C0, 4, 4)
+        cond = torch.cat([z, self.sentence(sentence)], dim=-1)
+        x = channels_last(self.fc(z).view(z.size(0), -1, 4, 4))  # (B, C0, 4, 4)
         for i, block in enumerate(self.blocks):
             x = block(x, cond, maps[i] if maps is not None else None)
         return self.to_rgb(x).expand(-1, 3, -1, -1)  # (B, 3, S, S); grayscale in 3 equal channels
@@ -113,20 +127,32 @@ class DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, cond_dim: int, chans: list[int], map_channels: int = 0):
+    def __init__(self, cond_dim: int, chans: list[int], map_channels: int = 0, sentence_dim: int = 0,
+                 spectral_norm: bool = False, projection: bool = False):
         super().__init__()
         chans = chans[::-1]  # 64, 32, 16, 8, 4 px
+        self.sentence = sentence_map(cond_dim, sentence_dim)
+        cond_dim = sentence_dim or cond_dim
         self.stem = nn.Conv2d(3 + map_channels, chans[0], 3, 1, 1)
         self.blocks = nn.Sequential(*(DBlock(a, b) for a, b in zip(chans[:-1], chans[1:])))
         self.joint = nn.Sequential(nn.Conv2d(chans[-1] + cond_dim, chans[-1], 3, 1, 1), nn.LeakyReLU(0.2),
                                    nn.Conv2d(chans[-1], 1, 4, 1, 0))
+        self.embed = nn.Linear(cond_dim, chans[-1], bias=False) if projection else None
+        if spectral_norm:
+            for module in self.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    nn.utils.parametrizations.spectral_norm(module)
 
     def forward(self, images, sentence, layout_map=None):  # images (B, 3, 64, 64), sentence (B, E)
         if layout_map is not None:  # (B, M, 64, 64)
             images = torch.cat([images, layout_map], 1)
-        h = self.blocks(self.stem(images))  # (B, C0, 4, 4)
-        s = sentence[..., None, None].expand(-1, -1, 4, 4)
-        return self.joint(torch.cat([h, s], dim=1)).view(-1)  # (B,)
+        h = self.blocks(self.stem(channels_last(images)))  # (B, C0, 4, 4)
+        sentence = self.sentence(sentence)
+        s = sentence[..., None, None].expand(-1, -1, h.size(2), h.size(3))
+        score = self.joint(torch.cat([h, s], dim=1)).view(-1)  # (B,)
+        if self.embed is not None:  # does the picture's feature vector point where the sentence does?
+            score = score + (self.embed(sentence) * F.leaky_relu(h, 0.2).sum((2, 3))).sum(-1)
+        return score
 
 
 @register_model("dfgan")
@@ -139,8 +165,9 @@ class DFGAN(TextToImageModel):
         self.map_sizes = tuple(sizes[1:])  # where the generator blocks read the layout map
         e = self.text_encoder.out_dim
         m = self.layout.config.channels if self.layout is not None else 0
-        self.generator = Generator(config.z_dim, e, list(config.channels), m, config.image_channels)
-        self.discriminator = Discriminator(e, list(config.channels), m)
+        self.generator = Generator(config.z_dim, e, list(config.channels), m, config.image_channels, config.sentence_dim)
+        self.discriminator = Discriminator(e, list(config.channels), m, config.sentence_dim, config.spectral_norm,
+                                           config.projection)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps done, for the lazy penalty
 
     def param_groups(self) -> list[dict]:
@@ -160,30 +187,44 @@ class DFGAN(TextToImageModel):
             full = maps[-1]
         z = torch.randn(b, self.config.z_dim, device=images.device)
         fake = self.generator(z, sentence.detach(), [m.detach() for m in maps] if maps else None)
-        # discriminator: real+matching high, fake low, real+mismatched text low (hinge)
+        d_loss, logs = self.discriminator_loss(images, fake, sentence, full)
+        g_loss = self.generator_loss(fake, sentence, full)
+        logs["g_loss"] = g_loss.detach()
+        loss = d_loss + g_loss
+        if layout_nll is not None:
+            loss = loss + self.layout.config.weight * layout_nll
+            logs["layout_nll"] = layout_nll.detach()
+        return loss, logs
+
+    def discriminator_loss(self, images, fake, sentence, full=None) -> tuple[torch.Tensor, dict]:
+        """Hinge loss: real images with their own text high; fakes (detached: this term never
+        reaches the generator) and real images with another row's text low. Plus the
+        matching-aware gradient penalty on real images with their own text, every gp_every steps."""
+        b = images.size(0)
         d_real = self.discriminator(images, sentence, full)
         d_fake = self.discriminator(fake.detach(), sentence, full)
         d_mismatch = self.discriminator(images[:-1], sentence[1:], full[1:] if full is not None else None) if b > 1 else d_fake
         d_loss = F.relu(1 - d_real).mean() + 0.5 * (F.relu(1 + d_fake).mean() + F.relu(1 + d_mismatch).mean())
-        # matching-aware gradient penalty on real images with their own text (every gp_every steps)
         gp = images.new_zeros(())
         every = max(self.config.gp_every, 1)
-        if not self.training or int(self.step) % every == 0:
+        if self.config.gp_weight > 0 and (not self.training or int(self.step) % every == 0):
             x = images.detach().requires_grad_(True)
             s = sentence.detach().requires_grad_(True)
             grad_x, grad_s = torch.autograd.grad(self.discriminator(x, s, full).sum(), (x, s), create_graph=True)
             norm = torch.sqrt(grad_x.flatten(1).pow(2).sum(1) + grad_s.pow(2).sum(1) + 1e-12)
             gp = every * self.config.gp_weight * norm.pow(self.config.gp_power).mean()
-        # generator: fool a frozen copy of the discriminator's current parameters
+        logs = {"d_loss": d_loss.detach(), "gp": gp.detach(),
+                # the share D judges right: real with its own text above 0, fakes and mismatched text below
+                "d_acc_real": (d_real > 0).float().mean(), "d_acc_fake": (d_fake < 0).float().mean(),
+                "d_acc_mismatch": (d_mismatch < 0).float().mean()}
+        return d_loss + gp, logs
+
+    def generator_loss(self, fake, sentence, full=None) -> torch.Tensor:
+        """The generator's hinge term against the discriminator's current parameters, detached:
+        this term trains only the generator (and never the text encoder or the layout stage)."""
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
-        g_loss = -functional_call(self.discriminator, frozen, (fake, sentence.detach(),
-                                                              full.detach() if full is not None else None)).mean()
-        logs = {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "gp": gp.detach()}
-        loss = d_loss + gp + g_loss
-        if layout_nll is not None:
-            loss = loss + self.layout.config.weight * layout_nll
-            logs["layout_nll"] = layout_nll.detach()
-        return loss, logs
+        return -functional_call(self.discriminator, frozen, (fake, sentence.detach(),
+                                                            full.detach() if full is not None else None)).mean()
 
     def on_train_step(self, step: int) -> None:
         self.step.fill_(step)
@@ -192,5 +233,5 @@ class DFGAN(TextToImageModel):
     def generate(self, texts, seeds, strict: bool = False):
         tokens, mask, sentence = self.encode_text(texts, strict=strict)
         maps, _ = self.layout_maps(tokens, mask, self.map_sizes, seeds=seeds)
-        z = self.noise(seeds, (self.config.z_dim,), sentence.device)
+        z = self.noise(seeds, (self.config.z_dim,), sentence.device) * self.config.temperature
         return self.generator(z, sentence, maps)

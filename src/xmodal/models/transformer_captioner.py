@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xmodal.data.text import Vocabulary
@@ -36,6 +37,7 @@ class TransformerCaptionerConfig:
     max_regions: int = 256  # N: grid positions with a learned embedding
     max_len: int = 20  # words, for decoding
     word_dropout: float = 0.0  # share of previous words hidden (as <unk>) from the decoder in training
+    label_smoothing: float = 0.0  # cross-entropy against (1 - e) on the word + e spread over the vocabulary
 
 
 class DecoderBlock(nn.Module):
@@ -56,6 +58,37 @@ class DecoderBlock(nn.Module):
         x = x + self.dropout(attended)
         x = x + self.dropout(self.mlp(self.norm3(x)))
         return x, weights
+
+    def cross_keys(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention's keys and values over the memory, (B, H, N, d/H) each: once per image."""
+        d = memory.size(-1)
+        w, b = self.cross_attn.in_proj_weight[d:], self.cross_attn.in_proj_bias[d:]
+        k, v = F.linear(memory, w, b).chunk(2, dim=-1)
+        return _heads(k, self.cross_attn.num_heads), _heads(v, self.cross_attn.num_heads)
+
+    def step(self, x, keys, values, cross_k, cross_v):
+        """One new position x (B, 1, d) against the cached self-attention keys/values (B, H, t, d/H)
+        of the positions before it: the same arithmetic as `forward` (eval mode), one row at a time.
+        Returns x, the keys and values with this position appended, and the cross-attention weights
+        (B, N), the mean over heads."""
+        heads, d = self.self_attn.num_heads, x.size(-1)
+        q, k, v = F.linear(self.norm1(x), self.self_attn.in_proj_weight, self.self_attn.in_proj_bias).chunk(3, dim=-1)
+        keys, values = torch.cat([keys, _heads(k, heads)], 2), torch.cat([values, _heads(v, heads)], 2)
+        attended = F.scaled_dot_product_attention(_heads(q, heads), keys, values)  # sees every earlier position
+        x = x + self.self_attn.out_proj(_merge(attended))
+        q = _heads(F.linear(self.norm2(x), self.cross_attn.in_proj_weight[:d], self.cross_attn.in_proj_bias[:d]), heads)
+        weights = (q @ cross_k.transpose(-1, -2) * q.size(-1) ** -0.5).softmax(-1)  # (B, H, 1, N)
+        x = x + self.cross_attn.out_proj(_merge(weights @ cross_v))
+        x = x + self.mlp(self.norm3(x))
+        return x, keys, values, weights.mean(1)[:, 0]
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:  # (B, T, d) -> (B, H, T, d/H)
+    return x.view(x.size(0), x.size(1), heads, -1).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, d/H) -> (B, T, d)
+    return x.transpose(1, 2).reshape(x.size(0), x.size(2), -1)
 
 
 @register_model("transformer-captioner")
@@ -95,13 +128,30 @@ class TransformerCaptioner(Captioner):
         return self.head(self.norm(x)), weights  # (B, T, V), (B, T, N) | None
 
     def init_state(self, memory: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        b = memory["memory"].size(0)
-        return {**memory, "prefix": torch.empty(b, 0, dtype=torch.long, device=memory["memory"].device)}
+        """The decoding state: per layer, the cross-attention keys/values over the memory (computed
+        once) and the self-attention keys/values of the words so far (the KV cache); batch first."""
+        m = memory["memory"]
+        b, heads = m.size(0), self.config.n_heads
+        empty = m.new_zeros(b, heads, 0, self.config.d_model // heads)
+        state = {}
+        for i, block in enumerate(self.blocks):
+            state[f"cross_k{i}"], state[f"cross_v{i}"] = block.cross_keys(m)
+            state[f"k{i}"], state[f"v{i}"] = empty, empty
+        return state
 
     def step(self, state: dict, tokens: torch.Tensor):
-        prefix = torch.cat([state["prefix"], tokens[:, None]], dim=1)  # (B, t)
-        logits, weights = self._decode(state["memory"], prefix, need_weights=True)
-        return logits[:, -1].float().log_softmax(-1), {**state, "prefix": prefix}, weights[:, -1]
+        """One word for every row: O(t) with the cache, where re-running the prefix is O(t^2)."""
+        t = state["k0"].size(2)
+        if t >= self.token_pos.size(0):
+            raise ValueError(f"{t + 1} tokens exceed this model's max_len + 2 = {self.token_pos.size(0)}")
+        x = self.token_emb(tokens)[:, None] + self.token_pos[t]  # (B, 1, d)
+        new = {}
+        for i, block in enumerate(self.blocks):
+            x, new[f"k{i}"], new[f"v{i}"], weights = block.step(x, state[f"k{i}"], state[f"v{i}"],
+                                                                state[f"cross_k{i}"], state[f"cross_v{i}"])
+            new[f"cross_k{i}"], new[f"cross_v{i}"] = state[f"cross_k{i}"], state[f"cross_v{i}"]
+        logits = self.head(self.norm(x[:, 0]))
+        return logits.float().log_softmax(-1), new, weights
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         memory = self.encode_images(images)["memory"]

@@ -11,6 +11,7 @@ one definition of a round trip text -> image -> text (`xmodal evaluate cycle`, `
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -215,9 +216,25 @@ def evaluator(data: TrainData):
     from xmodal.pipelines import pipeline_for
 
     readers = default_readers(records)
+    prompts = list(dict.fromkeys(r["captions"][0] for r in records))[:10]
 
     def evaluate(model) -> dict:
-        metrics = measure(pipeline_for(model), records, readers)
+        pipe = pipeline_for(model)
+        metrics = measure(pipe, records, readers)
+        if data.work_dir is not None:  # what training looks like: the same prompts and seeds every time
+            sample_grid(pipe, prompts, data.work_dir / "samples")
         return {k: v for k, v in metrics.items() if k != "images" and isinstance(v, float)}
 
     return evaluate
+
+
+def sample_grid(pipe, prompts: Sequence[str], folder: Path, seeds: int = 8) -> Path:
+    """A grid, one row per prompt and one column per seed (0..seeds-1), written as the next
+    `eval-NNN.png` in `folder`, so that a run's grids show its training in order."""
+    from xmodal.sheets import picture_sheet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = pipe.render([p for p in prompts for _ in range(seeds)], list(range(seeds)) * len(prompts))
+    captions = [[p] if i == 0 else [] for p in prompts for i in range(seeds)]
+    number = len(list(folder.glob("eval-*.png"))) + 1
+    return picture_sheet(images, captions, folder / f"eval-{number:03d}.png", columns=seeds, scale=2)
