@@ -87,7 +87,7 @@ class FactorizedCNN(nn.Module):
         form = self.form.body(channels_last(mask))  # (B, Df, H/8, W/8)
         cell = h // form.size(2)
         weight = nn.functional.avg_pool2d(mask, cell) + 1e-4  # foreground share per cell
-        color = nn.functional.avg_pool2d(self.color(images) * mask, cell) / weight  # (B, Dc, H/8, W/8)
+        color = nn.functional.avg_pool2d(self.color(channels_last(images)) * mask, cell) / weight  # (B, Dc, H/8, W/8)
         return torch.cat([form, color], dim=1).flatten(2).transpose(1, 2)  # (B, N, D)
 
     def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:

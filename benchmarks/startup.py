@@ -1,0 +1,69 @@
+"""Start-up cost of the command line: wall time and peak memory of one caption and one image.
+
+    python benchmarks/startup.py [--repeats 5]
+
+Runs `xmodal caption one.png` and `xmodal generate "..." -n 1` as a new user would (a fresh
+process each time, the bundled default models), and `python -c "import torch"` for scale.
+Reports the median wall seconds and the largest peak resident memory (MB) over the repeats,
+and which heavy packages the caption path imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HEAVY = ("torchvision", "transformers", "diffusers", "pycocoevalcap", "torchmetrics", "fastapi", "matplotlib")
+
+
+def run(command: list[str], repeats: int) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    walls, peaks = [], []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, env=env)
+        walls.append(time.perf_counter() - start)
+        # ru_maxrss of children is the largest of any child so far (KB on Linux)
+        peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
+    return {"wall_s_median": round(statistics.median(walls), 3), "wall_s_min": round(min(walls), 3),
+            "peak_rss_mb": round(max(peaks), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    xmodal = [sys.executable, "-m", "xmodal"]
+    with tempfile.TemporaryDirectory() as tmp:
+        from PIL import Image
+
+        from xmodal.data.shapes import ShapesDataset
+
+        one = Path(tmp) / "one.png"
+        Image.fromarray(ShapesDataset("test", 1, seed=5).image(0)).save(one)
+        probe = (f"import sys; from xmodal.cli import main; main(['caption', {str(one)!r}]); "
+                 f"print('IMPORTED', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
+        imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = [x for x in imported.stderr.splitlines() if x.startswith("IMPORTED")]
+        result = {
+            "import_torch": run([sys.executable, "-c", "import torch"], args.repeats),
+            # the first run of each command is measured too (the model files are in the page cache after it)
+            "caption_one_png": run([*xmodal, "caption", str(one)], args.repeats),
+            "generate_one": run([*xmodal, "generate", "a small red circle", "-n", "1", "--out", tmp], args.repeats),
+            "caption_path_imports": line[0].split(" ", 1)[1] if line else imported.stderr[-300:],
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
