@@ -74,3 +74,18 @@ def test_the_adversarial_game_alone_teaches_the_generator_each_prompt():
         optimizer.step()
     after = distance()
     assert before > 0.9 and after < 0.2, (before, after)
+
+
+def test_mode_seeking_term_trains_the_generator_only():
+    model = tiny_gan(mode_seeking=1.0).train()
+    texts = [PROMPTS[i % 2] for i in range(4)]
+    _, _, sentence = model.encode_text(texts)
+    z = torch.randn(4, 8)
+    term = model.mode_seeking_loss(z, model.generator(z, sentence.detach()), sentence)
+    assert float(term.detach()) > 0
+    found = torch.autograd.grad(term, [*model.generator.parameters(), *model.discriminator.parameters(),
+                                       *model.text_encoder.parameters()], allow_unused=True)
+    n = len(list(model.generator.parameters()))
+    assert any(g is not None for g in found[:n]) and all(g is None for g in found[n:])
+    model.on_train_step(1)
+    assert "mode_seeking" in model.loss({"images": targets(texts), "texts": texts})[1]

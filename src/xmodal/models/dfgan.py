@@ -54,6 +54,7 @@ class DFGANConfig:
     spectral_norm: bool = False  # spectral normalization of every discriminator weight (Miyato et al. 2018)
     projection: bool = False  # add the projection term <W s, sum-pooled features> to D's score (Miyato & Koyama 2018)
     temperature: float = 1.0  # generation: z drawn at this std (the truncation trick; < 1: typical over varied)
+    mode_seeking: float = 0.0  # > 0: weight of the mode-seeking term (Mao et al. 2019) against one look per prompt
 
 
 class Affine(nn.Module):
@@ -191,6 +192,10 @@ class DFGAN(TextToImageModel):
         g_loss = self.generator_loss(fake, sentence, full)
         logs["g_loss"] = g_loss.detach()
         loss = d_loss + g_loss
+        if self.config.mode_seeking > 0:
+            mode_seeking = self.mode_seeking_loss(z, fake, sentence, maps)
+            loss = loss + mode_seeking
+            logs["mode_seeking"] = mode_seeking.detach()
         if layout_nll is not None:
             loss = loss + self.layout.config.weight * layout_nll
             logs["layout_nll"] = layout_nll.detach()
@@ -225,6 +230,15 @@ class DFGAN(TextToImageModel):
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
         return -functional_call(self.discriminator, frozen, (fake, sentence.detach(),
                                                             full.detach() if full is not None else None)).mean()
+
+    def mode_seeking_loss(self, z, fake, sentence, maps=None) -> torch.Tensor:
+        """MSGAN (Mao et al. 2019): a second draw for the same texts; the generator is penalised
+        when two noise vectors give nearly the same picture (image distance over noise distance
+        small): one look per prompt is what a conditional GAN drifts to. Trains the generator only."""
+        z2 = torch.randn_like(z)
+        fake2 = self.generator(z2, sentence.detach(), [m.detach() for m in maps] if maps else None)
+        ratio = (fake - fake2).abs().mean((1, 2, 3)) / (z - z2).abs().mean(1)
+        return self.config.mode_seeking / (ratio.mean() + 1e-5)
 
     def on_train_step(self, step: int) -> None:
         self.step.fill_(step)
