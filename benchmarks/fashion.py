@@ -3,6 +3,7 @@
     xmodal data fashion-mnist data/fashion-mnist          # once (Debian's dataset-fashion-mnist)
     python benchmarks/fashion.py captioner [--model fashion-captioner] [--bf16]
     python benchmarks/fashion.py generator [--model fashion-generator] [--count 1000]
+    python benchmarks/fashion.py compare [--models fashion-generator,fashion-gan]   # one row per generator
     python benchmarks/fashion.py shards [--steps 150]     # steps/s from shards against a folder
 
 captioner: the class the caption names on all 10,000 test images (greedy), per class, and
@@ -11,7 +12,9 @@ generator: one image per test record, drawn from its canonical caption and from 
 open-vocabulary prompts of its class (`xmodal evaluate generator --prompts novel`), class read
 back by `fashion-captioner`; FID / KID in that captioner's feature space against the real test
 images, next to real training images (the floor) and each class's mean image (the prototype
-reference, what collapse looks like); images/s batched (128).
+reference, what collapse looks like); images/s batched (128); diversity: how different 16 seeds
+of one prompt are, against 16 real photos of the class (1 = as varied, 0 = collapsed).
+compare: the generator measures for several models, with the training time from each card.
 shards: the captioner recipe's steps/s reading the training set from a folder and from
 WebDataset shards (written to a temporary folder), same steps, same threads.
 Everything goes through the tasks' `measure` (via `xmodal.evaluation`), as `xmodal evaluate` does.
@@ -33,6 +36,7 @@ from PIL import Image
 import xmodal
 from xmodal import evaluation
 from xmodal.data.prepared import read_records
+from xmodal.models.hub import resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +80,53 @@ def generator(args) -> dict:
     pipe = xmodal.load(args.model)
     prompts = ["a pair of trousers", "a dress", "an ankle boot", "a bag"] * 32
     result["images_per_s_batched"] = best_rate(pipe, prompts, 128)
+    result["diversity"] = diversity(pipe, args)
     return result
+
+
+def diversity(pipe, args, seeds: int = 16) -> dict:
+    """At each class's canonical prompt, the mean pixel distance (L1, pixels in [0, 1]) between
+    pictures of different seeds, over the same for 16 real test pictures of that class: 1 is as
+    varied as real photos, 0 is one picture for every seed. With --grid, the 16-seed grid."""
+    import numpy as np
+
+    from xmodal.data.fashion import CLASSES, TEMPLATES
+
+    records = read_records(args.data, "test")
+    ratios, rows = {}, []
+
+    def spread(images) -> float:
+        x = np.stack([np.asarray(im.convert("L"), np.float32) / 255 for im in images])
+        return float(np.mean([np.abs(x[i] - x[j]).mean() for i in range(len(x)) for j in range(i + 1, len(x))]))
+
+    for cls in CLASSES:
+        prompt = TEMPLATES[cls][0]
+        drawn = pipe([prompt], n=seeds, seed=0)
+        real = [Image.open(Path(args.data) / r["image"]) for r in records if r["class"] == cls][:seeds]
+        ratios[cls] = round(spread(drawn) / spread(real), 3)
+        rows.append((prompt, drawn))
+    if args.grid:
+        from xmodal.sheets import picture_sheet
+
+        picture_sheet([im for _, drawn in rows for im in drawn],
+                      [[p] if i == 0 else [] for p, drawn in rows for i in range(len(drawn))],
+                      args.grid, columns=seeds, scale=2)
+    return {"mean_ratio_to_real": round(float(np.mean(list(ratios.values()))), 3), "per_class": ratios}
+
+
+def compare(args) -> dict:
+    """The generators side by side: one `generator` row each, with the training time on its card."""
+    import re
+
+    rows = []
+    for name in args.models.split(","):
+        args.model = name
+        row = generator(args)
+        card = resolve_model_dir(name) / "README.md"
+        minutes = re.search(r"([0-9.]+) minutes", card.read_text() if card.is_file() else "")
+        row["training_minutes"] = float(minutes.group(1)) if minutes else None
+        rows.append(row)
+    return {"generators": rows}
 
 
 def shards(args) -> dict:
@@ -100,11 +150,13 @@ def shards(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["captioner", "generator", "shards"])
+    parser.add_argument("what", choices=["captioner", "generator", "compare", "shards"])
     parser.add_argument("--model")
     parser.add_argument("--data", default="data/fashion-mnist", help="the prepared Fashion-MNIST folder")
     parser.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="idx files (shards)")
     parser.add_argument("--count", type=int, default=1000, help="generator: test records drawn")
+    parser.add_argument("--models", default="fashion-generator,fashion-gan", help="compare: generators, comma-separated")
+    parser.add_argument("--grid", help="generator: write the 16-seed grid per class to this PNG")
     parser.add_argument("--steps", type=int, default=150, help="shards: training steps per source")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as xmodal evaluate --bf16)")
@@ -113,7 +165,7 @@ def main() -> None:
         sys.exit(f"{args.data}: no prepared Fashion-MNIST; run `xmodal data fashion-mnist {args.data}` first")
     args.model = args.model or {"captioner": "fashion-captioner", "generator": "fashion-generator"}.get(args.what)
     with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=args.bf16):
-        result = {"captioner": captioner, "generator": generator, "shards": shards}[args.what](args)
+        result = {"captioner": captioner, "generator": generator, "compare": compare, "shards": shards}[args.what](args)
     print(json.dumps({**result, "bf16": args.bf16}))
 
 
