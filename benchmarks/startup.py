@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,16 +23,29 @@ from pathlib import Path
 HEAVY = ("torchvision", "transformers", "diffusers", "pycocoevalcap", "torchmetrics", "fastapi", "matplotlib")
 
 
-def run(command: list[str], repeats: int) -> dict:
+# Runs a command line in this interpreter and prints its own peak memory when it exits.
+WRAP = ("import atexit, resource, runpy, sys; "
+        "atexit.register(lambda: print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+        "sys.argv = sys.argv[1:]; ")
+
+
+def run(argv: list[str], repeats: int) -> dict:
+    """argv: ["-m", module, args...] or ["-c", code]; wall seconds and peak RSS of each fresh process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if argv[0] == "-m":
+        code = WRAP + f"runpy.run_module({argv[1]!r}, run_name='__main__')"
+        command = [sys.executable, "-c", code, argv[1], *argv[2:]]
+    else:
+        command = [sys.executable, "-c", WRAP + argv[1]]
     walls, peaks = [], []
     for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, env=env)
+        out = subprocess.run(command, capture_output=True, text=True, env=env)
         walls.append(time.perf_counter() - start)
-        # ru_maxrss of children is the largest of any child so far (KB on Linux)
-        peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
+        line = [x for x in out.stderr.splitlines() if x.startswith("MAXRSS")]
+        if out.returncode != 0 or not line:
+            raise SystemExit(f"{' '.join(argv)} failed: {out.stderr[-500:]}")
+        peaks.append(int(line[-1].split()[1]) / 1024)  # KB on Linux
     return {"wall_s_median": round(statistics.median(walls), 3), "wall_s_min": round(min(walls), 3),
             "peak_rss_mb": round(max(peaks), 1)}
 
@@ -42,7 +54,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    xmodal = [sys.executable, "-m", "xmodal"]
     with tempfile.TemporaryDirectory() as tmp:
         from PIL import Image
 
@@ -56,10 +67,11 @@ def main() -> None:
                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = [x for x in imported.stderr.splitlines() if x.startswith("IMPORTED")]
         result = {
-            "import_torch": run([sys.executable, "-c", "import torch"], args.repeats),
+            "import_torch": run(["-c", "import torch"], args.repeats),
             # the first run of each command is measured too (the model files are in the page cache after it)
-            "caption_one_png": run([*xmodal, "caption", str(one)], args.repeats),
-            "generate_one": run([*xmodal, "generate", "a small red circle", "-n", "1", "--out", tmp], args.repeats),
+            "caption_one_png": run(["-m", "xmodal", "caption", str(one)], args.repeats),
+            "generate_one": run(["-m", "xmodal", "generate", "a small red circle", "-n", "1", "--out", tmp],
+                                args.repeats),
             "caption_path_imports": line[0].split(" ", 1)[1] if line else imported.stderr[-300:],
         }
     print(json.dumps(result))
