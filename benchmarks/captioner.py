@@ -1,6 +1,6 @@
 """Captioner quality and speed on fresh Shapes images (WORLD.md's measures).
 
-    python benchmarks/captioner.py [--model shapes-captioner] [--count 1000] [--beam 3]
+    python benchmarks/captioner.py [--model shapes-captioner] [--count 1000] [--beam 3] [--bf16]
 
 Quality: exact match, BLEU-4 and CIDEr-D on `test` and `novel` scenes drawn from seeds
 never used in training (base seed 77; training uses the `train` split's seed range).
@@ -57,14 +57,16 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-captioner")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--beam", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as xmodal evaluate --bf16)")
     args = parser.parse_args()
     pipe = xmodal.load(args.model)
     result = {"model": args.model, "registry": pipe.model.registry_name, "parameters": pipe.model.num_parameters(),
-              "threads": torch.get_num_threads(), "beam": args.beam}
-    for split in ("test", "novel"):
-        result[split] = quality(pipe, split, args.count, args.beam)
-    result["speed_beam"] = speed(pipe, args.beam)
-    result["speed_greedy"] = speed(pipe, 1)
+              "threads": torch.get_num_threads(), "beam": args.beam, "bf16": args.bf16}
+    with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        for split in ("test", "novel"):
+            result[split] = quality(pipe, split, args.count, args.beam)
+        result["speed_beam"] = speed(pipe, args.beam)
+        result["speed_greedy"] = speed(pipe, 1)
     print(json.dumps(result))
 
 
