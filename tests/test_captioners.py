@@ -239,3 +239,10 @@ def test_transformer_kv_cache_step_matches_the_full_decoder(shapes_batch, layers
             torch.testing.assert_close(log_probs, full[:, t].float().log_softmax(-1), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(attention, weights[:, t], atol=1e-6, rtol=1e-5)
         assert state["k0"].shape[2] == tokens.size(1)  # one cached key per word so far
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_label_smoothing_out_of_range_is_named(shapes_batch, value):
+    vocab, _ = shapes_batch
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tiny("transformer-captioner", vocab, label_smoothing=value)

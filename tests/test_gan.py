@@ -3,6 +3,7 @@ reconstruction term) teaches the generator to draw what each prompt asks on a ti
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xmodal.models.dfgan import DFGAN, DFGANConfig
@@ -89,3 +90,10 @@ def test_mode_seeking_term_trains_the_generator_only():
     assert any(g is not None for g in found[:n]) and all(g is None for g in found[n:])
     model.on_train_step(1)
     assert "mode_seeking" in model.loss({"images": targets(texts), "texts": texts})[1]
+
+
+@pytest.mark.parametrize("bad", [{"temperature": 0.0}, {"temperature": -1.0}, {"mode_seeking": -0.1},
+                                 {"sentence_dim": -4}])
+def test_bad_gan_settings_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        tiny_gan(**bad)

@@ -33,6 +33,8 @@ class Captioner(PretrainedModel):
         if vocab is not None and len(vocab) != config.vocab_size:
             raise ValueError(f"the vocabulary has {len(vocab)} words, but the config says vocab_size={config.vocab_size}")
         self.vocab = vocab  # None until load_assets reads vocab.json
+        if not 0 <= config.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
         from xmodal.models.image_encoders import create_image_encoder
 
         self.image_encoder = create_image_encoder(config.image_encoder, config.encoder_width, config.encoder_dim,

@@ -79,6 +79,8 @@ class ConditionalVAE(TextToImageModel):
         super().__init__(config, text_encoder)
         c, e = config, self.text_encoder.out_dim
         sizes = stage_sizes("the cvae", c.image_size, c.image_channels, c.channels)
+        if config.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: the prior's mean), got {config.temperature}")
         self.map_sizes = tuple(sizes[1:])  # where the decoder stages read the layout map
         chans = list(c.channels)
         layers, cin = [], 3

@@ -163,6 +163,10 @@ class DFGAN(TextToImageModel):
     def __init__(self, config: DFGANConfig, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)
         sizes = stage_sizes("dfgan", config.image_size, config.image_channels, config.channels)
+        if config.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (the std of z when generating), got {config.temperature}")
+        if config.mode_seeking < 0 or config.sentence_dim < 0:
+            raise ValueError(f"mode_seeking and sentence_dim must be >= 0, got {config.mode_seeking} and {config.sentence_dim}")
         self.map_sizes = tuple(sizes[1:])  # where the generator blocks read the layout map
         e = self.text_encoder.out_dim
         m = self.layout.config.channels if self.layout is not None else 0
