@@ -106,11 +106,9 @@ def diversity(pipe, args, seeds: int = 16) -> dict:
         ratios[cls] = round(spread(drawn) / spread(real), 3)
         rows.append((prompt, drawn))
     if args.grid:
-        from xmodal.sheets import picture_sheet
+        from xmodal.sheets import seed_grid
 
-        picture_sheet([im for _, drawn in rows for im in drawn],
-                      [[p] if i == 0 else [] for p, drawn in rows for i in range(len(drawn))],
-                      args.grid, columns=seeds, scale=2)
+        seed_grid(rows, args.grid)
     return {"mean_ratio_to_real": round(float(np.mean(list(ratios.values()))), 3), "per_class": ratios}
 
 

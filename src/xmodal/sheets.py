@@ -49,6 +49,14 @@ def picture_sheet(images: Sequence[Image.Image], captions: Sequence[Sequence[str
     return Path(out_png)
 
 
+def seed_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], out_png: str | Path, scale: int = 2) -> Path:
+    """One row per prompt, one column per seed; the prompt under the row's first picture."""
+    columns = max(len(images) for _, images in rows)
+    return picture_sheet([im for _, images in rows for im in images],
+                         [[prompt] if i == 0 else [] for prompt, images in rows for i in range(len(images))],
+                         out_png, columns=columns, scale=scale)
+
+
 def html_sheet(images: Sequence[Image.Image], captions: Sequence[Sequence[str]], out_html: str | Path,
                title: str, intro: str = "", table: str = "") -> Path:
     cells = "\n".join(

@@ -115,19 +115,13 @@ class Preprocess:
         if preset not in self.PRESETS:
             raise ValueError(f"{preset!r} is not an evaluation preset; valid: {self.PRESETS}")
         self.preset = preset
+        self.geometry = _GEOMETRY[preset]
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if preset == "imagenet224" else ((0.5,) * 3, (0.5,) * 3)
         self.mean = np.asarray(mean, np.float32)[:, None, None]
         self.std = np.asarray(std, np.float32)[:, None, None]
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        if self.preset == "shapes64":
-            img = img.resize((64, 64), Image.BILINEAR)
-        elif self.preset == "small64":
-            img = _center_crop(_resize_shorter(img, 64), 64)
-        elif self.preset == "gray32":
-            img = _PadOrResize(32)(img.convert("L"))
-        else:
-            img = _center_crop(_resize_shorter(img, 256), 224)
+        img = self.geometry(img)
         array = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)  # as torchvision scales
         array = np.repeat(array[None], 3, 0) if array.ndim == 2 else array.transpose(2, 0, 1)  # (3, H, W)
         return torch.from_numpy(np.ascontiguousarray((array - self.mean) / self.std))
@@ -165,6 +159,27 @@ class _PadOrResize:
             return canvas
         return img.resize((self.side, self.side), Image.BILINEAR)
 
+
+
+# The resize / crop / pad step of each evaluation preset, as the torchvision pipelines did it
+# (module functions, so that a Preprocess pickles into DataLoader workers).
+def _shapes64(img: Image.Image) -> Image.Image:
+    return img.resize((64, 64), Image.BILINEAR)
+
+
+def _small64(img: Image.Image) -> Image.Image:
+    return _center_crop(_resize_shorter(img, 64), 64)
+
+
+def _gray32(img: Image.Image) -> Image.Image:
+    return _PadOrResize(32)(img.convert("L"))
+
+
+def _imagenet224(img: Image.Image) -> Image.Image:
+    return _center_crop(_resize_shorter(img, 256), 224)
+
+
+_GEOMETRY = {"shapes64": _shapes64, "small64": _small64, "gray32": _gray32, "imagenet224": _imagenet224}
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:
     """A (3, H, W) tensor in [-1, 1] -> PIL RGB image."""

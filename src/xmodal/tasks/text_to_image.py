@@ -231,10 +231,10 @@ def evaluator(data: TrainData):
 def sample_grid(pipe, prompts: Sequence[str], folder: Path, seeds: int = 8) -> Path:
     """A grid, one row per prompt and one column per seed (0..seeds-1), written as the next
     `eval-NNN.png` in `folder`, so that a run's grids show its training in order."""
-    from xmodal.sheets import picture_sheet
+    from xmodal.sheets import seed_grid
 
     folder.mkdir(parents=True, exist_ok=True)
-    images = pipe.render([p for p in prompts for _ in range(seeds)], list(range(seeds)) * len(prompts))
-    captions = [[p] if i == 0 else [] for p in prompts for i in range(seeds)]
+    images = pipe.render([p for p in prompts for _ in range(seeds)], list(range(seeds)) * len(prompts))  # one batch
+    rows = [(p, images[i * seeds:(i + 1) * seeds]) for i, p in enumerate(prompts)]
     number = len(list(folder.glob("eval-*.png"))) + 1
-    return picture_sheet(images, captions, folder / f"eval-{number:03d}.png", columns=seeds, scale=2)
+    return seed_grid(rows, folder / f"eval-{number:03d}.png")
