@@ -57,6 +57,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
         return 0
     if args.source == "fashion-mnist":
         return _import_fashion(args)
+    if args.source == "openclipart":
+        return _import_openclipart(args)
     from xmodal.data import importers as imp
     from xmodal.data.prepared import ImportReport
 
@@ -86,6 +88,20 @@ def _import_fashion(args: argparse.Namespace) -> int:
                                      overwrite=args.overwrite, progress=not args.quiet)
     except IdxFormatError as e:
         print(f"xmodal data fashion-mnist: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats))
+    return 0
+
+
+def _import_openclipart(args: argparse.Namespace) -> int:
+    from xmodal.data.importers import NothingImportedError
+    from xmodal.data.openclipart import import_openclipart
+
+    try:
+        stats = import_openclipart(args.out, args.svg_dir, args.size, args.workers, overwrite=args.overwrite,
+                                   progress=not args.quiet)
+    except NothingImportedError as e:
+        print(f"xmodal data openclipart: {e}", file=sys.stderr)
         return 1
     print(json.dumps(stats))
     return 0
@@ -286,12 +302,62 @@ def _evaluate(args: argparse.Namespace) -> dict:
                                      seed=args.seed, options=_options(args), **common)
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    from xmodal.search import search
+def _cmd_index(args: argparse.Namespace) -> int:
+    import time
 
-    for hit in search(args.model, args.folder, text=args.text, image=args.image, top=args.top):
-        print(json.dumps(hit))
+    from xmodal.search import index_path, load_index
+
+    start = time.perf_counter()
+    index, _ = load_index(args.model, args.data, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"index": str(index_path(args.data, Path(index.model))), "images": len(index.paths),
+                      "captions": len(index.captions), "seconds": round(time.perf_counter() - start, 2)}))
     return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from xmodal.search import load_index, query, read_queries
+
+    given = [args.text is not None, args.image is not None, args.queries_file is not None]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of --text, --image or --queries-file")
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    index, pipe = load_index(args.model, args.folder)
+    if args.queries_file is None:
+        hits = query(index, pipe, args.folder, text=args.text, image=args.image, top=args.top)
+        for hit in hits:
+            print(json.dumps(hit))
+        if args.sheet:
+            _hits_sheet(hits, args.text or f"like {args.image}", args.sheet)
+        return 0
+    failed = 0
+    for item in read_queries(args.queries_file):
+        out = {k: item[k] for k in ("line", "id", "text", "image") if k in item}
+        if "error" not in item:
+            try:
+                out["hits"] = query(index, pipe, args.folder, text=item.get("text"), image=item.get("image"),
+                                    top=args.top)
+            except (ValueError, OSError) as e:
+                item["error"] = str(e)
+        if "error" in item:
+            out["error"] = item["error"]
+            failed += 1
+        print(json.dumps(out, ensure_ascii=False), flush=True)
+    return 1 if failed else 0
+
+
+def _hits_sheet(hits: list[dict], title: str, out: Path) -> None:
+    from xmodal.data.images import load_image
+    from xmodal.sheets import picture_sheet
+
+    images = [load_image(h["image"]) for h in hits]
+    side = max(im.width for im in images)
+    images = [im.resize((side, side)) for im in images]
+    labels = [[f"{i + 1}. {h.get('caption') or Path(h['image']).stem}", f"score {h['score']:.3f}"]
+              for i, h in enumerate(hits)]
+    picture_sheet(images, [[f"query: {title}"] + labels[0], *labels[1:]], out, columns=min(5, len(images)),
+                  scale=max(1, 128 // side))
+    print(f"sheet: {out}", file=sys.stderr)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -344,6 +410,14 @@ def _add_data(sub) -> None:
     fashion.add_argument("--shard-size", type=int, default=5000, help="records per shard (webdataset)")
     fashion.add_argument("--quiet", action="store_true", help="no progress bar")
     fashion.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    clipart = dsub.add_parser("openclipart", help="render and caption OpenClipart SVG drawings (real human titles)")
+    clipart.add_argument("svg_dir", type=Path, metavar="SRC",
+                         help="a tree of SVGs: /usr/share/openclipart/svg after apt-get install openclipart-svg")
+    clipart.add_argument("out", type=Path)
+    clipart.add_argument("--size", type=int, default=64, help="square image side in pixels (default 64)")
+    clipart.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
+    clipart.add_argument("--quiet", action="store_true", help="no progress bar")
+    clipart.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
     sources = {"coco": ("COCO captions JSON", "--annotations", "captions_*.json"),
                "karpathy": ("Karpathy split JSON", "--json", "dataset_coco.json / dataset_flickr30k.json"),
                "flickr": ("Flickr .token file", "--token", "results_20130124.token / Flickr8k.token.txt"),
@@ -440,13 +514,23 @@ def _add_measure(sub) -> None:
     ev.add_argument("--distinct", action="store_true", help="retrieval: pools of distinct scenes (one right answer)")
     _add_sampler_options(ev)
 
-    se = sub.add_parser("search", help="retrieval with a dual encoder: text -> images, or image -> captions")
+    ix = sub.add_parser("index", help="embed a collection's images and captions once, for fast search")
+    ix.set_defaults(func=_cmd_index)
+    ix.add_argument("data", type=Path, help="a prepared data set or a folder of images")
+    ix.add_argument("--model", default="shapes-clip", help="a dual encoder (bundled name or folder)")
+
+    se = sub.add_parser("search", help="retrieval with a dual encoder: text -> images, or image -> captions "
+                                       "(through the collection's index, built or refreshed as needed)")
     se.set_defaults(func=_cmd_search)
     se.add_argument("folder", type=Path, help="images (text query) or a prepared data set (image query)")
     se.add_argument("--text")
     se.add_argument("--image", type=Path)
+    se.add_argument("--queries-file", type=Path,
+                    help='many queries: one JSON object per line, {"text": ...} or {"image": ...}; '
+                         "prints one JSON line per query with its ranked hits")
     se.add_argument("--model", default="shapes-clip")
     se.add_argument("--top", type=int, default=5)
+    se.add_argument("--sheet", type=Path, help="also draw the hits into this PNG picture sheet")
 
     models = sub.add_parser("models", help="list the bundled models")
     models.set_defaults(func=_cmd_models)

@@ -33,6 +33,11 @@ class CLIPConfig:
     encoder_weights: str | None = None
     image_preset: str = "shapes64"
     embed_dim: int = 128
+    text_lr_scale: float = 1.0  # the text tower's learning rate relative to the rest (a pretrained one: small)
+
+    def __post_init__(self):
+        if not 0 <= self.text_lr_scale <= 1:
+            raise ValueError(f"text_lr_scale {self.text_lr_scale} is not in [0, 1]")
 
 
 @register_model("clip")
@@ -49,6 +54,12 @@ class DualEncoder(WithTextEncoder):
         # attention pooling over grid cells (a mean would blur where things are)
         self.image_pool = nn.Linear(self.image_encoder.out_dim, 1)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def param_groups(self) -> list[dict]:
+        text = list(self.text_encoder.parameters())
+        ids = {id(p) for p in text}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        return [{"params": rest}, {"params": text, "lr_scale": self.config.text_lr_scale}]
 
     def config_for_saving(self) -> dict:
         import dataclasses
@@ -69,8 +80,10 @@ class DualEncoder(WithTextEncoder):
         text_emb = self.encode_text(batch["texts"])
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
         logits = scale * image_emb @ text_emb.t()  # (B, B)
-        target = torch.arange(logits.size(0), device=logits.device)
-        # texts of the same scene can repeat within a batch: count every matching text as right
+        # a text can repeat within a batch (one Shapes scene, a clipart title shared by many
+        # drawings): every pair with the same text is a right answer, weighted equally
+        same = torch.tensor([[a == b for b in batch["texts"]] for a in batch["texts"]], device=logits.device)
+        target = same.float() / same.sum(1, keepdim=True)  # (B, B), rows sum to 1; symmetric
         loss = 0.5 * (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.t().float(), target))
-        accuracy = (logits.argmax(1) == target).float().mean()
+        accuracy = same.gather(1, logits.argmax(1, keepdim=True)).float().mean()
         return loss, {"batch_accuracy": accuracy.detach(), "temperature": (1 / scale).detach()}

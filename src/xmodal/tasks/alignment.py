@@ -15,7 +15,6 @@ from xmodal.tasks.data import TrainData, stored_images
 from xmodal.tasks.records import prompts as record_prompts
 from xmodal.tasks.records import scene_specs
 from xmodal.tasks.text_to_image import build as _build_with_text_encoder
-from xmodal.tasks.text_to_image import collate as _collate
 
 TASK = "image-text-alignment"
 RECIPE_KEYS: dict[str, object] = {}
@@ -27,7 +26,11 @@ def build(name: str, values: dict, data: TrainData, seed: int):
     return _build_with_text_encoder(name, values, data, seed)
 
 
-collate = _collate
+def collate(model, data: TrainData):
+    """-> {"images", "texts"}: one of each image's captions (`[data] captions`)."""
+    from xmodal.data.collate import GenerationCollate
+
+    return GenerationCollate(data.config.captions)
 
 
 def measure(pipeline, records: Sequence[dict], images: Sequence, k: int = 1) -> dict:

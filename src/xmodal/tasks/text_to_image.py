@@ -61,7 +61,7 @@ def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path:
         model = create_model(name, **values, **parts)
     except ValueError as e:
         raise ConfigError(f"[model]: {e}") from None
-    if model.layout is not None and not has_boxes(data.train.records[:100], data.config.boxes):
+    if supports(model, LAYOUT) and model.layout is not None and not has_boxes(data.train.records[:100], data.config.boxes):
         raise ConfigError(f"[model] layout: a layout stage trains on object boxes, and the training records have "
                           f"none at [data] boxes = {data.config.boxes!r}; drop the layout or point boxes at them")
     return model
