@@ -22,11 +22,14 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped"
 
-# Real data from Debian's packages (Fashion-MNIST's idx files in /usr/share/datasets/fashion-mnist),
-# installed when apt can run; otherwise the tests that need it are skipped with the reason.
+# Real data from Debian's packages (Fashion-MNIST's idx files in /usr/share/datasets/fashion-mnist,
+# OpenClipart's SVGs in /usr/share/openclipart/svg), installed when apt can run; otherwise the tests
+# that need them are skipped with the reason.
 datasets:
 	@[ -d /usr/share/datasets/fashion-mnist ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "dataset-fashion-mnist not installed: its tests will be skipped"
+	@[ -d /usr/share/openclipart/svg ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq openclipart-svg >/dev/null) || echo "openclipart-svg not installed: its tests will be skipped"
 
 test: $(STAMP) browser datasets
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -29,7 +29,7 @@ from xmodal.data.images import load_image
 from xmodal.data.prepared import CAPTIONS_FILE, read_records
 
 INDEX_FOLDER = ".xmodal-index"
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Index:
     captions: list[str]  # distinct captions (prepared data sets; empty for a plain folder)
     caption_images: list[int]  # for each caption, the first image (index into `paths`) that has it
     caption_embeddings: np.ndarray  # (C, E)
+    titles: list[str]  # each image's first caption ("" in a plain folder), shown with its hits
 
 
 def _model_identity(model: str) -> tuple[Path, str]:
@@ -98,7 +99,8 @@ def _read(path: Path) -> Index | None:
                 return None
             index = Index(manifest["model"], manifest["model_fingerprint"], manifest["paths"],
                           [tuple(s) for s in manifest["stats"]], stored["images"].astype(np.float32),
-                          manifest["captions"], manifest["caption_images"], stored["captions"].astype(np.float32))
+                          manifest["captions"], manifest["caption_images"], stored["captions"].astype(np.float32),
+                          manifest["titles"])
     except (FileNotFoundError, NotADirectoryError):
         return None
     except Exception as e:  # a damaged file of any kind is rebuilt, not trusted
@@ -106,6 +108,7 @@ def _read(path: Path) -> Index | None:
         return None
     n, c = len(index.paths), len(index.captions)
     if index.image_embeddings.shape[0] != n or len(index.stats) != n or index.caption_embeddings.shape[0] != c \
+            or len(index.titles) != n \
             or len(index.caption_images) != c:
         warnings.warn(f"{path}: inconsistent index; building it again", stacklevel=3)
         return None
@@ -115,7 +118,7 @@ def _read(path: Path) -> Index | None:
 def _write(index: Index, path: Path) -> None:
     manifest = {"format": FORMAT, "model": index.model, "model_fingerprint": index.model_fingerprint,
                 "paths": index.paths, "stats": index.stats, "captions": index.captions,
-                "caption_images": index.caption_images}
+                "caption_images": index.caption_images, "titles": index.titles}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -179,7 +182,8 @@ def load_index(model: str, data: str | Path, pipe=None, batch_size: int = 256, l
             first.setdefault(c, row[int(i)])
     kept = [i for i, c in enumerate(captions) if c in first]
     index = Index(str(folder), fingerprint, [paths[i] for i in keep], [stats[i] for i in keep], images[keep],
-                  [captions[i] for i in kept], [first[captions[i]] for i in kept], caption_embeddings[kept])
+                  [captions[i] for i in kept], [first[captions[i]] for i in kept], caption_embeddings[kept],
+                  [image_captions[i][0] if image_captions[i] else "" for i in keep])
     _write(index, path)
     return index, pipe
 
@@ -205,7 +209,8 @@ def _rank(scores: np.ndarray, top: int) -> np.ndarray:
 
 def query(index: Index, pipe, data: Path, text: str | None = None, image: str | Path | None = None,
           top: int = 5) -> list[dict]:
-    """The `top` best matches: `{"image", "score"}` for a text query; `{"caption", "image",
+    """The `top` best matches: `{"image", "score"}` (and the image's first caption in a data set)
+    for a text query; `{"caption", "image",
     "score"}` for an image query (the caption, and a drawing of the collection that has it)."""
     from xmodal.pipelines import load_pipeline
 
@@ -219,7 +224,8 @@ def query(index: Index, pipe, data: Path, text: str | None = None, image: str | 
             raise ValueError("empty text query")
         vector = pipe.embed_texts([text])[0].float().cpu().numpy()
         scores = index.image_embeddings @ vector
-        return [{"image": str(data / index.paths[i]), "score": round(float(scores[i]), 4)} for i in _rank(scores, top)]
+        return [{"image": str(data / index.paths[i]), "score": round(float(scores[i]), 4),
+                 **({"caption": index.titles[i]} if index.titles[i] else {})} for i in _rank(scores, top)]
     if not index.captions:
         raise ValueError(f"{data}: an image query ranks a data set's captions, and this folder has none "
                          f"(no {CAPTIONS_FILE}; make one with `xmodal data ...`)")

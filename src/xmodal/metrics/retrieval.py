@@ -39,3 +39,24 @@ def r_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, candidates: int
         sims = text_emb[torch.cat([torch.tensor([i]), others])] @ image_emb[i]
         hits += int(sims.argmax() == 0)
     return hits / n
+
+
+def recall_with_relevance(scores: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...] = (1, 10)) -> dict:
+    """Recall@k when a query may have several right answers: `scores` (Q, N) ranks N candidates
+    for each query, `relevant` (Q, N) marks the right ones; a query scores a hit at k when any
+    right candidate is in its top k. `chance_r@k` is the expected recall of a random ranking (per
+    query 1 - C(N - m, k) / C(N, k), with m right candidates)."""
+    if scores.shape != relevant.shape or scores.dim() != 2:
+        raise ValueError(f"scores {tuple(scores.shape)} and relevant {tuple(relevant.shape)} must be the same (Q, N)")
+    if not bool(relevant.any(1).all()):
+        raise ValueError("every query needs at least one right candidate")
+    from math import comb
+
+    n = scores.size(1)
+    out = {}
+    for k in ks:
+        top = scores.topk(min(k, n), dim=1).indices  # (Q, k)
+        out[f"r@{k}"] = float(relevant.gather(1, top).any(1).float().mean())
+        m = relevant.sum(1).tolist()
+        out[f"chance_r@{k}"] = sum(1 - comb(n - r, min(k, n)) / comb(n, min(k, n)) for r in m) / len(m)
+    return out

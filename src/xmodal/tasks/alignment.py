@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from xmodal.metrics.retrieval import recall_at_k
+from xmodal.metrics.retrieval import recall_at_k, recall_with_relevance
 from xmodal.tasks.data import TrainData, stored_images
 from xmodal.tasks.records import prompts as record_prompts
 from xmodal.tasks.records import scene_specs
@@ -36,6 +36,20 @@ def collate(model, data: TrainData):
 def measure(pipeline, records: Sequence[dict], images: Sequence, k: int = 1) -> dict:
     """Recall@k both ways among all (image, first reference) pairs: pair i matches pair i."""
     return recall_at_k(pipeline(list(images), record_prompts(records)), k=k)
+
+
+def measure_collection(pipeline, records: Sequence[dict], images: Sequence, ks: tuple[int, ...] = (1, 10),
+                       queries: Sequence[str] | None = None) -> dict:
+    """Text -> image search over a whole collection: each query (default: every distinct first
+    caption) ranks all the images, and a hit is any image whose first caption equals the query
+    (a collection such as OpenClipart holds many drawings per title). Recall@k with chance."""
+    import torch
+
+    captions = record_prompts(records)
+    queries = list(dict.fromkeys(captions)) if queries is None else list(queries)
+    scores = pipeline.embed_texts(queries) @ pipeline.embed_images(list(images)).t()  # (Q, N)
+    relevant = torch.tensor([[c == q for c in captions] for q in queries])
+    return {**recall_with_relevance(scores.float().cpu(), relevant, ks), "queries": len(queries), "pool": len(captions)}
 
 
 def pool_keys(records: Sequence[dict]) -> list:

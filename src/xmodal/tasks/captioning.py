@@ -51,6 +51,12 @@ def measure(pipeline, records: Sequence[dict], images: Sequence, beam: int = 1, 
     the captions."""
     options = {"method": "beam" if beam > 1 else "greedy", "beam_size": beam}
     captions = pipeline(list(images), batch_size=batch_size, **options)
+    return {**score(captions, records, meteor), "captions": captions}
+
+
+def score(captions: Sequence[str], records: Sequence[dict], meteor: bool = False) -> dict:
+    """Captions scored against the records' references (the metrics `measure` gives); also how
+    baselines are scored, so that they are measured exactly as a captioner is."""
     metrics = caption_scores(captions, [r["captions"] for r in records], meteor=meteor)
     scenes = scene_specs(records)
     if scenes is not None:
@@ -61,7 +67,38 @@ def measure(pipeline, records: Sequence[dict], images: Sequence, beam: int = 1, 
         from xmodal.metrics.classes import class_scores
 
         metrics.update(class_scores(classes, [class_of(c) for c in captions], CLASSES))
-    return {**metrics, "captions": captions}
+    return metrics
+
+
+def category_baseline(train: Sequence[dict], test: Sequence[dict], field: str = "category") -> list[str]:
+    """For each test record, the most common first caption of the training records of its
+    category (ties: the first met); a category unseen in training gets the overall most common."""
+    from collections import Counter
+
+    by_category: dict = {}
+    for r in train:
+        by_category.setdefault(r.get(field), Counter())[r["captions"][0]] += 1
+    overall = Counter(r["captions"][0] for r in train).most_common(1)[0][0]
+    return [by_category[r.get(field)].most_common(1)[0][0] if r.get(field) in by_category else overall for r in test]
+
+
+@torch.no_grad()
+def nearest_neighbour_captions(pipeline, train_images: Sequence, train: Sequence[dict], test_images: Sequence,
+                               batch_size: int = 256) -> list[str]:
+    """The first caption of the most similar training image (cosine of the captioner's own pooled
+    image features), per test image: the nearest-neighbour baseline of Devlin et al. 2015
+    (https://arxiv.org/abs/1505.04467), with one neighbour instead of a consensus over k."""
+    from xmodal.pipelines.image_to_text import to_image
+
+    def features(images):
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([pipeline.transform(to_image(im)) for im in images[i:i + batch_size]])
+            out.append(torch.nn.functional.normalize(pipeline.model.image_encoder.forward_pooled(batch).float(), dim=-1))
+        return torch.cat(out)
+
+    nearest = (features(list(test_images)) @ features(list(train_images)).t()).argmax(1)  # (N_test,)
+    return [train[i]["captions"][0] for i in nearest.tolist()]
 
 
 def evaluator(data: TrainData):
