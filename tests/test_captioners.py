@@ -111,30 +111,40 @@ class Scripted:
 
 
 def test_beam_finds_better_sequence_than_greedy():
-    # vocab: 0 pad 1 start 2 end 3 "a" 4 "b". Greedy takes "a" (0.6) then is stuck with a flat tail;
-    # "b" (0.4) is followed by a near-certain <end>: beam must prefer "b".
+    # vocab: 0 pad 1 start 2 end 3 <unk> 4 "a" 5 "b". Greedy takes "a" (0.6) then is stuck with a flat
+    # tail; "b" (0.4) is followed by a near-certain <end>: beam must prefer "b".
     def table(t, tok):
         if t == 0:
-            return [-9, -9, -9, np.log(0.6), np.log(0.4)]
-        if tok == 4:
-            return [-9, -9, 0.0, -9, -9]
-        return [-9, -9, np.log(0.34), np.log(0.33), np.log(0.33)]
+            return [-9, -9, -9, -9, np.log(0.6), np.log(0.4)]
+        if tok == 5:
+            return [-9, -9, 0.0, -9, -9, -9]
+        return [-9, -9, np.log(0.34), -9, np.log(0.33), np.log(0.33)]
 
-    model = Scripted(table, 5)
+    model = Scripted(table, 6)
     images = torch.zeros(1, 3, 4, 4)
     g = decode(model, images, DecodeOptions(method="greedy", max_len=5, block_consecutive_repeats=False))[0]
     b = decode(model, images, DecodeOptions(method="beam", beam_size=2, max_len=5, block_consecutive_repeats=False))[0]
-    assert g.tokens == [3] and b.tokens == [4] and b.score > g.score
+    assert g.tokens == [4] and b.tokens == [5] and b.score > g.score
 
 
 def test_no_beam_reaches_end_returns_best_unfinished():
-    model = Scripted(lambda t, tok: [-9, -9, -50, 0.0, -1.0], 5)  # <end> never likely
+    model = Scripted(lambda t, tok: [-9, -9, -50, -9, 0.0, -1.0], 6)  # <end> never likely
     out = decode(model, torch.zeros(2, 3, 4, 4), DecodeOptions(method="beam", beam_size=3, max_len=4,
                                                               block_consecutive_repeats=False))
     assert all(len(d.tokens) == 4 and not d.finished for d in out)
-    assert out[0].tokens == [3, 3, 3, 3]
+    assert out[0].tokens == [4, 4, 4, 4]
     guarded = decode(model, torch.zeros(1, 3, 4, 4), DecodeOptions(method="beam", beam_size=3, max_len=4))[0]
-    assert guarded.tokens == [3, 4, 3, 4]  # repetition guard: no word twice in a row
+    assert guarded.tokens == [4, 5, 4, 5]  # repetition guard: no word twice in a row
+
+
+def test_unknown_word_is_never_written():
+    # <unk> (3) is the likeliest token at every step; every decoding method must write "a" (4) instead
+    model = Scripted(lambda t, tok: [-9, -9, -9 if t < 2 else 0.0, 0.0, -0.5, -1.0], 6)
+    images = torch.zeros(1, 3, 4, 4)
+    for options in (DecodeOptions(method="greedy", max_len=5), DecodeOptions(method="beam", beam_size=3, max_len=5),
+                    DecodeOptions(method="sample", top_k=1, max_len=5)):
+        tokens = decode(model, images, options)[0].tokens
+        assert tokens and 3 not in tokens
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy(shapes_batch):

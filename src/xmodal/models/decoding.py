@@ -81,6 +81,7 @@ def _block(log_probs: torch.Tensor, histories: list[list[int]], options: DecodeO
 def _forbid_specials(log_probs: torch.Tensor, length: int, options: DecodeOptions) -> torch.Tensor:
     log_probs[:, Vocabulary.pad_id] = float("-inf")
     log_probs[:, Vocabulary.start_id] = float("-inf")
+    log_probs[:, Vocabulary.unk_id] = float("-inf")  # "<unk>" is never a useful word to write
     if length < options.min_len:
         log_probs[:, Vocabulary.end_id] = float("-inf")
     return log_probs

@@ -17,13 +17,27 @@ from xmodal.tasks.records import scene_specs
 from xmodal.tasks.text_to_image import build as _build_with_text_encoder
 
 TASK = "image-text-alignment"
-RECIPE_KEYS: dict[str, object] = {}
+RECIPE_KEYS: dict[str, object] = {"init_from": None}  # a trained dual encoder to continue from (fine-tuning)
 DATA_DEFAULTS = {"captions": "random"}
 
 
-def build(name: str, values: dict, data: TrainData, seed: int):
-    """A complete dual encoder: its text tower prepared on the training captions (as a generator's)."""
-    return _build_with_text_encoder(name, values, data, seed)
+def build(name: str, values: dict, data: TrainData, seed: int, init_from: str | None = None):
+    """A complete dual encoder: its text tower prepared on the training captions (as a generator's);
+    with `init_from`, every weight copied from that trained dual encoder (same shapes), so that a
+    recipe can tune it further (e.g. unfreeze a pretrained text tower)."""
+    from xmodal.training.config import ConfigError
+
+    model = _build_with_text_encoder(name, values, data, seed)
+    if init_from is not None:
+        from xmodal.models.hub import load_model
+
+        source = load_model(init_from)
+        try:
+            model.load_state_dict(source.state_dict())
+        except RuntimeError as err:
+            raise ConfigError(f"[model] init_from {init_from!r}: its weights do not fit this config "
+                              f"({str(err).splitlines()[0]})") from None
+    return model
 
 
 def collate(model, data: TrainData):
