@@ -4,6 +4,7 @@
     python benchmarks/clipart.py clip [--models clipart-clip runs/clipart-clip-learned/best] [--data data/openclipart]
     python benchmarks/clipart.py captioner [--model clipart-captioner] [--data data/openclipart]
     python benchmarks/clipart.py generator --model M [--clip clipart-clip] [--data data/openclipart]
+    python benchmarks/clipart.py sheet [--out out/clipart-results.png]     (the README's results sheet)
 
 `import`: the whole package rendered at 64 px with both cores: SVGs, share rendered, failures
 by reason, seconds.
@@ -149,6 +150,32 @@ def bench_generator(args) -> dict:
     return result
 
 
+def results_sheet(args) -> dict:
+    """One picture sheet: the top 5 drawings for a few text queries (clipart-clip, from the index),
+    then test drawings with their human title and what clipart-captioner writes."""
+    from xmodal.data.images import load_image
+    from xmodal.search import load_index, query
+    from xmodal.sheets import picture_sheet
+
+    data = Path(args.data)
+    index, pipe = load_index(args.clip, data)
+    images, labels = [], []
+    for text in args.queries:
+        for rank, hit in enumerate(query(index, pipe, data, text=text, top=5)):
+            images.append(load_image(hit["image"]))
+            labels.append(([f"search: {text}"] if rank == 0 else [""]) + [f"{rank + 1}. {hit.get('caption', '')}"])
+    test = CaptionDataset(data, "test")
+    picked = list(range(0, len(test), max(1, len(test) // args.drawings)))[: args.drawings]
+    captioner = xmodal.load(args.captioner)
+    paths = [test.image(i) for i in picked]
+    written = captioner(paths, method="beam", beam_size=3)
+    for i, path, caption in zip(picked, paths, written):
+        images.append(load_image(path))
+        labels.append([f"title: {test.records[i]['captions'][0]}", f"says: {caption}"])
+    picture_sheet(images, labels, args.out, columns=5, scale=2)
+    return {"sheet": args.out, "queries": args.queries, "drawings": len(picked)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
@@ -169,8 +196,15 @@ def main() -> None:
     gen.add_argument("--clip", default="clipart-clip")
     gen.add_argument("--data", default="data/openclipart")
     gen.add_argument("--grid", help="also draw 16 test prompts into this PNG")
+    sheet = sub.add_parser("sheet")
+    sheet.add_argument("--out", default="out/clipart-results.png")
+    sheet.add_argument("--data", default="data/openclipart")
+    sheet.add_argument("--clip", default="clipart-clip")
+    sheet.add_argument("--captioner", default="clipart-captioner")
+    sheet.add_argument("--queries", nargs="+", default=["a red apple", "an airplane", "a house", "a smiling face"])
+    sheet.add_argument("--drawings", type=int, default=10)
     args = parser.parse_args()
-    run = {"import": bench_import, "clip": bench_clip, "captioner": bench_captioner, "generator": bench_generator}[args.what]
+    run = {"sheet": results_sheet, "import": bench_import, "clip": bench_clip, "captioner": bench_captioner, "generator": bench_generator}[args.what]
     print(json.dumps(run(args)))
 
 
