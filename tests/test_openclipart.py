@@ -186,3 +186,17 @@ def test_real_package_files_render(tmp_path):
     for f in files:
         image = oc.render(f.read_bytes(), 32)
         assert image.size == (32, 32) and min(image.convert("L").getextrema()) < 250
+
+
+def test_what_a_killed_import_left_is_cleaned_by_the_next(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    src = _tree(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.partial-{dead.stdout.strip()}"  # as `kill -9` during an import leaves it
+    (stale / "images").mkdir(parents=True)
+    alive = tmp_path / f".out.partial-{os.getppid()}"  # a running import's folder is never touched
+    alive.mkdir()
+    assert main(["data", "openclipart", str(src), str(tmp_path / "out"), "--quiet", "--workers", "1"]) == 0
+    assert not stale.exists() and alive.is_dir() and (tmp_path / "out" / "captions.jsonl").is_file()

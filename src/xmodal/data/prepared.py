@@ -74,6 +74,7 @@ def staged_folder(out: str | Path, overwrite: bool = False, keep_out: tuple[Path
         for source in keep_out:
             if source.resolve().is_relative_to(out.resolve()):
                 raise ValueError(f"{out}: holds the source {source}; --overwrite would delete it")
+    _remove_stale_partials(out)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -89,6 +90,20 @@ def staged_folder(out: str | Path, overwrite: bool = False, keep_out: tuple[Path
         shutil.rmtree(old, ignore_errors=True)
     else:
         partial.rename(out)
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete what a killed import left beside `out` (`.OUT.partial-PID` of a process that is gone)."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's), or not a PID at all: left alone
 
 
 class RecordWriter:
