@@ -125,3 +125,15 @@ def test_index_and_search_commands_with_a_sheet(tiny_clip, data, tmp_path, capsy
 def test_index_path_never_leaves_the_data_folder(tmp_path):
     path = search_module.index_path(tmp_path, tmp_path / ".." / "x" / "../../etc")
     assert path.parent == tmp_path / INDEX_FOLDER
+
+
+def test_many_queries_load_the_model_once(tiny_clip, data, tmp_path, monkeypatch, capsys):
+    import xmodal.pipelines
+
+    load_index(tiny_clip, data)  # an index already up to date
+    real, loads = xmodal.pipelines.load_pipeline, []
+    monkeypatch.setattr(xmodal.pipelines, "load_pipeline", lambda *a, **k: loads.append(a) or real(*a, **k))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"text": f"a red circle {i}"}) + "\n" for i in range(20)))
+    assert main(["search", str(data), "--queries-file", str(queries), "--model", tiny_clip]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 20 and len(loads) == 1

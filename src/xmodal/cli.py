@@ -315,14 +315,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from xmodal.search import load_index, query, read_queries
+    from xmodal.search import open_index, query, read_queries
 
     given = [args.text is not None, args.image is not None, args.queries_file is not None]
     if sum(given) != 1:
         raise ValueError("give exactly one of --text, --image or --queries-file")
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    index, pipe = load_index(args.model, args.folder)
+    index, pipe = open_index(args.model, args.folder)
     if args.queries_file is None:
         hits = query(index, pipe, args.folder, text=args.text, image=args.image, top=args.top)
         for hit in hits:

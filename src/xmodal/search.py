@@ -207,18 +207,23 @@ def _rank(scores: np.ndarray, top: int) -> np.ndarray:
     return best[np.argsort(-scores[best], kind="stable")]
 
 
+def open_index(model: str, data: str | Path) -> tuple[Index, object]:
+    """The up-to-date index and the model's pipeline, loaded once for any number of queries."""
+    from xmodal.pipelines import load_pipeline
+
+    index, pipe = load_index(model, data)
+    return index, pipe or load_pipeline(model, "image-text-alignment")
+
+
 def query(index: Index, pipe, data: Path, text: str | None = None, image: str | Path | None = None,
           top: int = 5) -> list[dict]:
     """The `top` best matches: `{"image", "score"}` (and the image's first caption in a data set)
     for a text query; `{"caption", "image",
     "score"}` for an image query (the caption, and a drawing of the collection that has it)."""
-    from xmodal.pipelines import load_pipeline
-
     if (text is None) == (image is None):
         raise ValueError("give exactly one of text or image")
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
-    pipe = pipe or load_pipeline(index.model, "image-text-alignment")
     if text is not None:
         if not text.strip():
             raise ValueError("empty text query")
@@ -242,7 +247,7 @@ def search(model: str, folder: str | Path, text: str | None = None, image: str |
         raise ValueError("give exactly one of --text or --image")
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
-    index, pipe = load_index(model, folder)
+    index, pipe = open_index(model, folder)
     return query(index, pipe, Path(folder), text=text, image=image, top=top)
 
 
