@@ -154,11 +154,11 @@ def results_sheet(args) -> dict:
     """One picture sheet: the top 5 drawings for a few text queries (clipart-clip, from the index),
     then test drawings with their human title and what clipart-captioner writes."""
     from xmodal.data.images import load_image
-    from xmodal.search import load_index, query
+    from xmodal.search import open_index, query
     from xmodal.sheets import picture_sheet
 
     data = Path(args.data)
-    index, pipe = load_index(args.clip, data)
+    index, pipe = open_index(args.clip, data)
     images, labels = [], []
     for text in args.queries:
         for rank, hit in enumerate(query(index, pipe, data, text=text, top=5)):
