@@ -137,7 +137,8 @@ def load_index(model: str, data: str | Path, pipe=None, batch_size: int = 256, l
 
     data = Path(data)
     if not data.is_dir():
-        raise ValueError(f"{data}: no such folder (a prepared data set or a folder of images)")
+        what = "not a folder" if data.exists() else "no such folder"
+        raise ValueError(f"{data}: {what} (give a prepared data set or a folder of images)")
     folder, fingerprint = _model_identity(model)
     path = index_path(data, folder)
     paths, captions, image_captions = collection(data)
@@ -255,6 +256,8 @@ def read_queries(path: str | Path) -> list[dict]:
     """`--queries-file`: one JSON object per line, {"text": ...} or {"image": ...} (and an optional
     "id"); a bad line becomes {"error": ...} for that line, never the end of the run."""
     queries = []
+    if not Path(path).is_file():
+        raise ValueError(f"--queries-file {path}: no such file")
     with open(path, encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
