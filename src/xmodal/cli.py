@@ -322,8 +322,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --text, --image or --queries-file")
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
+    queries = read_queries(args.queries_file) if args.queries_file is not None else None  # checked first
     index, pipe = open_index(args.model, args.folder)
-    if args.queries_file is None:
+    if queries is None:
         hits = query(index, pipe, args.folder, text=args.text, image=args.image, top=args.top)
         for hit in hits:
             print(json.dumps(hit))
@@ -331,7 +332,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             _hits_sheet(hits, args.text or f"like {args.image}", args.sheet)
         return 0
     failed = 0
-    for item in read_queries(args.queries_file):
+    for item in queries:
         out = {k: item[k] for k in ("line", "id", "text", "image") if k in item}
         if "error" not in item:
             try:
