@@ -152,7 +152,7 @@ def load_index(model: str, data: str | Path, pipe=None, batch_size: int = 256, l
         return old, pipe
     pipe = pipe or load_pipeline(model, "image-text-alignment")
     dim = pipe.model.config.embed_dim
-    reuse = {p: i for i, (p, s) in enumerate(zip(old.paths, old.stats))} if old is not None else {}
+    reuse = {p: i for i, p in enumerate(old.paths)} if old is not None else {}
     images = np.zeros((len(paths), dim), np.float32)
     fresh = []
     for i, (p, s) in enumerate(zip(paths, stats)):
@@ -208,6 +208,13 @@ def _rank(scores: np.ndarray, top: int) -> np.ndarray:
     return best[np.argsort(-scores[best], kind="stable")]
 
 
+def _check_query(text: str | None, image: str | Path | None, top: int) -> None:
+    if (text is None) == (image is None):
+        raise ValueError("give exactly one of text or image")
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+
+
 def open_index(model: str, data: str | Path) -> tuple[Index, object]:
     """The up-to-date index and the model's pipeline, loaded once for any number of queries."""
     from xmodal.pipelines import load_pipeline
@@ -221,10 +228,7 @@ def query(index: Index, pipe, data: Path, text: str | None = None, image: str | 
     """The `top` best matches: `{"image", "score"}` (and the image's first caption in a data set)
     for a text query; `{"caption", "image",
     "score"}` for an image query (the caption, and a drawing of the collection that has it)."""
-    if (text is None) == (image is None):
-        raise ValueError("give exactly one of text or image")
-    if top < 1:
-        raise ValueError(f"top must be >= 1, got {top}")
+    _check_query(text, image, top)
     if text is not None:
         if not text.strip():
             raise ValueError("empty text query")
@@ -244,10 +248,7 @@ def query(index: Index, pipe, data: Path, text: str | None = None, image: str | 
 def search(model: str, folder: str | Path, text: str | None = None, image: str | Path | None = None,
            top: int = 5) -> list[dict]:
     """One query through the index (built or refreshed first when needed)."""
-    if (text is None) == (image is None):
-        raise ValueError("give exactly one of --text or --image")
-    if top < 1:
-        raise ValueError(f"--top must be >= 1, got {top}")
+    _check_query(text, image, top)  # before anything is loaded
     index, pipe = open_index(model, folder)
     return query(index, pipe, Path(folder), text=text, image=image, top=top)
 

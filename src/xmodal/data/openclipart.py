@@ -230,13 +230,17 @@ def _normalize(data: bytes) -> bytes:
     return _TRAILING_SEMICOLON.sub(rb"\1\2\3", data)
 
 
+class BlankDrawing(ValueError):
+    """The SVG draws nothing: no ink on its page or off it."""
+
+
 def render(data: bytes, size: int, margin: float = 0.04):
     """The drawing as a size x size RGB image: drawn onto white, aspect kept, centred, its ink
     (not its page) scaled to fill the square less `margin` on each side. Many files put a small
     drawing on a large Inkscape page; fitting the ink frames them all alike. The page is drawn at
     4x the size and cropped to its ink; a drawing that lies wholly off its page is drawn again
-    without the page's clip (`_render_off_page`). Raises ValueError("blank") when nothing is
-    drawn, or what cairosvg raises on a file it cannot draw."""
+    without the page's clip (`_render_off_page`). Raises BlankDrawing when nothing is drawn, or
+    what cairosvg raises on a file it cannot draw."""
     import cairosvg
     from PIL import Image, ImageChops
 
@@ -276,7 +280,7 @@ def _render_off_page(data: bytes, size: int, margin: float):
     recording = Recording(tree, None, 96).cairo
     x, y, width, height = recording.ink_extents()
     if not (width > 0 and height > 0 and all(math.isfinite(v) for v in (x, y, width, height))):
-        raise ValueError("blank")
+        raise BlankDrawing("no ink")
     surface = cairo.ImageSurface(cairo.FORMAT_ARGB32, size, size)
     context = cairo.Context(surface)
     context.set_source_rgb(1, 1, 1)
@@ -344,9 +348,7 @@ def process(job: Job, size: int) -> dict:
         return _failure(f"render over {RENDER_SECONDS} s (stopped)")
     except MemoryError:
         return _failure("render ran out of memory")
-    except ValueError as e:
-        if str(e) != "blank":
-            return _failure(f"cairosvg cannot draw it ({type(e).__name__})", str(e)[:120])
+    except BlankDrawing:
         if not has_shapes(root):
             return _failure("holds no drawing (no shape element in the file)")
         return _failure("draws nothing (external images are not fetched, or nothing visible)")

@@ -53,10 +53,10 @@ def recall_with_relevance(scores: torch.Tensor, relevant: torch.Tensor, ks: tupl
     from math import comb
 
     n = scores.size(1)
+    m = relevant.sum(1).tolist()  # right candidates per query
     out = {}
     for k in ks:
         top = scores.topk(min(k, n), dim=1).indices  # (Q, k)
         out[f"r@{k}"] = float(relevant.gather(1, top).any(1).float().mean())
-        m = relevant.sum(1).tolist()
         out[f"chance_r@{k}"] = sum(1 - comb(n - r, min(k, n)) / comb(n, min(k, n)) for r in m) / len(m)
     return out

@@ -82,7 +82,9 @@ class DualEncoder(WithTextEncoder):
         logits = scale * image_emb @ text_emb.t()  # (B, B)
         # a text can repeat within a batch (one Shapes scene, a clipart title shared by many
         # drawings): every pair with the same text is a right answer, weighted equally
-        same = torch.tensor([[a == b for b in batch["texts"]] for a in batch["texts"]], device=logits.device)
+        ids: dict[str, int] = {}
+        text_ids = torch.tensor([ids.setdefault(t, len(ids)) for t in batch["texts"]], device=logits.device)  # (B,)
+        same = text_ids[:, None] == text_ids[None, :]  # (B, B)
         target = same.float() / same.sum(1, keepdim=True)  # (B, B), rows sum to 1; symmetric
         loss = 0.5 * (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.t().float(), target))
         accuracy = same.gather(1, logits.argmax(1, keepdim=True)).float().mean()

@@ -52,6 +52,16 @@ class ImageToTextPipeline:
         return self.transform(to_image(image))
 
     @torch.no_grad()
+    def image_features(self, images: Sequence[ImageLike], batch_size: int = 256) -> torch.Tensor:
+        """The captioner's pooled image features, (N, D) unit vectors on the CPU (nearest-neighbour
+        search among pictures as this captioner sees them)."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self._to_tensor(im) for im in images[start:start + batch_size]]).to(self.model.device)
+            out.append(torch.nn.functional.normalize(self.model.image_encoder.forward_pooled(batch).float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
     def describe(self, images: Sequence[ImageLike], batch_size: int = 128, return_attention: bool = False,
                  generator: torch.Generator | None = None, **options) -> list[CaptionResult]:
         """Captions with scores (and attention grids) for each image, in order."""

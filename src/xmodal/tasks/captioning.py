@@ -82,22 +82,13 @@ def category_baseline(train: Sequence[dict], test: Sequence[dict], field: str = 
     return [by_category[r.get(field)].most_common(1)[0][0] if r.get(field) in by_category else overall for r in test]
 
 
-@torch.no_grad()
 def nearest_neighbour_captions(pipeline, train_images: Sequence, train: Sequence[dict], test_images: Sequence,
                                batch_size: int = 256) -> list[str]:
     """The first caption of the most similar training image (cosine of the captioner's own pooled
     image features), per test image: the nearest-neighbour baseline of Devlin et al. 2015
     (https://arxiv.org/abs/1505.04467), with one neighbour instead of a consensus over k."""
-    from xmodal.pipelines.image_to_text import to_image
-
-    def features(images):
-        out = []
-        for i in range(0, len(images), batch_size):
-            batch = torch.stack([pipeline.transform(to_image(im)) for im in images[i:i + batch_size]])
-            out.append(torch.nn.functional.normalize(pipeline.model.image_encoder.forward_pooled(batch).float(), dim=-1))
-        return torch.cat(out)
-
-    nearest = (features(list(test_images)) @ features(list(train_images)).t()).argmax(1)  # (N_test,)
+    test_features = pipeline.image_features(list(test_images), batch_size)  # (N_test, D)
+    nearest = (test_features @ pipeline.image_features(list(train_images), batch_size).t()).argmax(1)  # (N_test,)
     return [train[i]["captions"][0] for i in nearest.tolist()]
 
 
