@@ -256,3 +256,32 @@ def test_label_smoothing_out_of_range_is_named(shapes_batch, value):
     vocab, _ = shapes_batch
     with pytest.raises(ValueError, match="label_smoothing"):
         tiny("transformer-captioner", vocab, label_smoothing=value)
+
+
+@pytest.mark.parametrize("name", CAPTIONERS)
+def test_chunked_encoding_gives_the_same_memory(name, shapes_batch):
+    from xmodal.models.decoding import CPU_ENCODE_CHUNK, encode
+
+    vocab, batch = shapes_batch
+    model = tiny(name, vocab).eval()
+    images = torch.cat([batch["images"]] * 3)[: 2 * CPU_ENCODE_CHUNK + 3]  # two full chunks and a short one
+    with torch.no_grad():
+        whole, chunked = model.encode_images(images), encode(model, images)
+    assert whole.keys() == chunked.keys()
+    for key in whole:
+        assert torch.allclose(whole[key], chunked[key], atol=1e-5), key
+
+
+def test_decoding_default_comes_from_the_model(shapes_batch, tmp_path, capsys):
+    vocab, batch = shapes_batch
+    tiny("transformer-captioner", vocab, beam_size=1).save_pretrained(tmp_path / "greedy")
+    tiny("transformer-captioner", vocab).save_pretrained(tmp_path / "beam")
+    greedy, beam = xmodal.load(tmp_path / "greedy"), xmodal.load(tmp_path / "beam")
+    assert (greedy.options.method, beam.options.method, beam.options.beam_size) == ("greedy", "beam", 3)
+    record, pixels = ShapesDataset("test", count=1).item(0)
+    Image.fromarray(pixels).save(tmp_path / "one.png")
+    # the CLI decodes as the model says unless --beam is given: greedy and --beam 1 agree
+    assert main(["caption", str(tmp_path / "one.png"), "--model", str(tmp_path / "greedy")]) == 0
+    default = capsys.readouterr().out
+    assert main(["caption", str(tmp_path / "one.png"), "--model", str(tmp_path / "greedy"), "--beam", "1"]) == 0
+    assert capsys.readouterr().out == default == f"{tmp_path / 'one.png'}\t{greedy(pixels)[0]}\n"

@@ -1,7 +1,7 @@
 """xmodal: cross-modal generation, text -> image and image -> text.
 
     import xmodal
-    captioner = xmodal.load("shapes-captioner")
+    captioner = xmodal.load("shapes-captioner-transformer")
     captions = captioner(images)
 
 Importing xmodal touches no network and no GPU; heavy modules load on first use.

@@ -14,7 +14,7 @@ from xmodal.models.hub import BUNDLED_DIR, bundled_models, read_model_meta
 def load(name_or_dir: str | Path, device: str | torch.device = "cpu"):
     """A ready-to-call pipeline for a bundled model name or a saved model folder.
 
-    `xmodal.load("shapes-captioner")(images) -> list[str]`.
+    `xmodal.load("shapes-captioner-transformer")(images) -> list[str]`.
     """
     from xmodal.pipelines import load_pipeline
 

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 DEFAULT_GENERATOR = "shapes-diffusion"
-DEFAULT_CAPTIONER = "shapes-captioner"
+DEFAULT_CAPTIONER = "shapes-captioner-transformer"  # the most accurate; the LSTM is "shapes-captioner"
 DEMO_PROMPTS = [
     "a large red circle",
     "a small blue square above a large yellow triangle",
@@ -123,7 +123,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         raise ValueError("no images to caption (folders held no image files)")
     if args.attention_map and len(paths) != 1:
         raise ValueError("--attention-map draws one image: give exactly one")
-    options = {"method": "beam" if args.beam > 1 else "greedy", "beam_size": args.beam}
+    options = {} if args.beam is None else {"method": "beam" if args.beam > 1 else "greedy", "beam_size": args.beam}
     options.update({k: v for k, v in (("max_len", args.max_len), ("min_len", args.min_len)) if v})
     skipped = []
     bar = _bar(len(paths), "caption", "img", quiet=len(paths) < 64)
@@ -449,7 +449,7 @@ def _add_use(sub) -> None:
     caption.set_defaults(func=_cmd_caption)
     caption.add_argument("images", nargs="+", type=Path, help="image files or folders")
     caption.add_argument("--model", default=DEFAULT_CAPTIONER, help="bundled model name or model folder")
-    caption.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
+    caption.add_argument("--beam", type=int, help="beam size (1 = greedy; default: the model's)")
     caption.add_argument("--max-len", type=int, default=0, help="words at most (default: the model's)")
     caption.add_argument("--min-len", type=int, default=0, help="words before the caption may end")
     caption.add_argument("--batch-size", type=int, default=64)
@@ -502,7 +502,7 @@ def _add_measure(sub) -> None:
     ev.add_argument("--split", help="only records of this split")
     ev.add_argument("--limit", type=int, default=1000, help="at most this many images (0: all)")
     ev.add_argument("--out", type=Path, default=Path("out/evaluation"))
-    ev.add_argument("--beam", type=int, default=3)
+    ev.add_argument("--beam", type=int, help="beam size (1 = greedy; default: the model's)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
     ev.add_argument("--inception-weights", help="Inception v3 weights file for FID/KID instead of our own features")

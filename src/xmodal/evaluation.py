@@ -33,9 +33,10 @@ def _load(name: str, task: str):
 
 
 def evaluate_captioner(model: str, data: str | Path, out: str | Path, split: str | None = None,
-                       limit: int = 0, beam: int = 3, meteor: bool = True, samples: int = 24) -> dict:
+                       limit: int = 0, beam: int | None = None, meteor: bool = True, samples: int = 24) -> dict:
     start = time.perf_counter()
     pipe = _load(model, captioning.TASK)
+    beam = pipe.options.beam_size if beam is None else beam
     records = _records(data, split, limit)
     paths = record_images(records, data)
     result = captioning.measure(pipe, records, paths, beam=beam, meteor=meteor)

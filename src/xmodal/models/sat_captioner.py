@@ -36,6 +36,7 @@ class SATConfig:
     dropout: float = 0.3
     alpha_c: float = 1.0  # weight of the doubly stochastic attention regularizer
     max_len: int = 20  # words, for decoding
+    beam_size: int = 3  # the decoding a pipeline uses unless told (1 = greedy; `xmodal caption --beam` overrides)
     word_dropout: float = 0.0  # share of previous words hidden (as <unk>) from the decoder in training
     label_smoothing: float = 0.0  # cross-entropy against (1 - e) on the word + e spread over the vocabulary
 

@@ -36,6 +36,7 @@ class TransformerCaptionerConfig:
     dropout: float = 0.1
     max_regions: int = 256  # N: grid positions with a learned embedding
     max_len: int = 20  # words, for decoding
+    beam_size: int = 3  # the decoding a pipeline uses unless told (1 = greedy; `xmodal caption --beam` overrides)
     word_dropout: float = 0.0  # share of previous words hidden (as <unk>) from the decoder in training
     label_smoothing: float = 0.0  # cross-entropy against (1 - e) on the word + e spread over the vocabulary
 

@@ -42,7 +42,8 @@ class ImageToTextPipeline:
         self.model = model.eval()
         self.vocab = model.vocab
         self.transform = make_transform(model.config.image_preset)
-        self.options = options or DecodeOptions(max_len=model.config.max_len)
+        c = model.config
+        self.options = options or DecodeOptions("beam" if c.beam_size > 1 else "greedy", c.beam_size, c.max_len)
 
     @property
     def name(self) -> str:
