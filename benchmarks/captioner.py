@@ -1,11 +1,13 @@
 """Captioner quality and speed on fresh Shapes images (WORLD.md's measures).
 
-    python benchmarks/captioner.py [--model shapes-captioner] [--count 1000] [--beam 3] [--bf16]
+    python benchmarks/captioner.py [--model shapes-captioner-transformer] [--count 1000] [--beam N] [--bf16]
 
 Quality: exact match, BLEU-4 and CIDEr-D on `test` and `novel` scenes drawn from seeds
 never used in training (base seed 77; training uses the `train` split's seed range).
 Speed: captions per second for batches of 256, and the median latency of one image,
-both with the beam size given (and greedy), on whatever threads torch has here.
+both with the beam size given (default: the model's own decoding) and greedy, on whatever
+threads torch has here; with the FLOPs per caption, the fraction of this machine's peak
+that makes and the ops that take the time (benchmarks/utilization.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import time
 
 import torch
+from utilization import utilization
 
 import xmodal
 from xmodal.data.shapes import ShapesDataset
@@ -49,17 +52,20 @@ def speed(pipe, beam: int, batch: int = 256, repeats: int = 3) -> dict:
         start = time.perf_counter()
         pipe([images[i]], **options)
         latencies.append(time.perf_counter() - start)
-    return {"captions_per_s_batched": round(max(rates), 1), "single_image_ms_median": round(1000 * statistics.median(latencies), 2)}
+    return {"captions_per_s_batched": round(max(rates), 1), "single_image_ms_median": round(1000 * statistics.median(latencies), 2),
+            "utilization": utilization(lambda: pipe(images, batch_size=batch, **options), batch, max(rates),
+                                       torch.is_autocast_enabled("cpu"))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="shapes-captioner")
+    parser.add_argument("--model", default="shapes-captioner-transformer")
     parser.add_argument("--count", type=int, default=1000)
-    parser.add_argument("--beam", type=int, default=3)
+    parser.add_argument("--beam", type=int, help="beam size (default: the model's decoding)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as xmodal evaluate --bf16)")
     args = parser.parse_args()
     pipe = xmodal.load(args.model)
+    args.beam = args.beam or pipe.options.beam_size
     result = {"model": args.model, "registry": pipe.model.registry_name, "parameters": pipe.model.num_parameters(),
               "threads": torch.get_num_threads(), "beam": args.beam, "bf16": args.bf16}
     with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=args.bf16):

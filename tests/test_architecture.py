@@ -119,6 +119,7 @@ TINY = {  # the smallest real config of each registered model
     "dfgan": dict(z_dim=4, channels=(16, 8, 8, 4, 4)),
     "autoencoder": dict(latent_channels=2, channels=(8, 8, 8)),
     "latent-diffusion": dict(channels=(8, 16), heads=2, steps=2),
+    "distilled-diffusion": dict(channels=(8, 16), heads=2, student_timesteps=(900, 450)),
     "clip": dict(encoder_width=8, encoder_dim=16, embed_dim=8),
 }
 BUILTIN = sorted(n for n in list_registered() if not n.startswith("test-"))
@@ -141,7 +142,10 @@ def build(name: str, shapes):
     if name == "autoencoder":
         return create_model(name, **TINY[name]), batch
     encoder, _ = prepare_text_encoder(TINY_TEXT, captions)
-    parts = {"autoencoder": create_model("autoencoder", **TINY["autoencoder"])} if name == "latent-diffusion" else {}
+    diffusion = name.endswith("diffusion")
+    parts = {"autoencoder": create_model("autoencoder", **TINY["autoencoder"])} if diffusion else {}
+    if name == "distilled-diffusion":  # a student learns from a teacher's trajectories, not from pictures
+        batch = {"texts": batch["texts"], "states": torch.randn(len(items), 3, 2, 16, 16), "layout_map": None}
     return create_model(name, text_encoder=encoder, **parts, **TINY[name]), batch
 
 

@@ -260,13 +260,13 @@ def test_label_smoothing_out_of_range_is_named(shapes_batch, value):
 
 @pytest.mark.parametrize("name", CAPTIONERS)
 def test_chunked_encoding_gives_the_same_memory(name, shapes_batch):
-    from xmodal.models.decoding import CPU_ENCODE_CHUNK, encode
+    from xmodal.models.base import CPU_CHUNK, in_cpu_chunks
 
     vocab, batch = shapes_batch
     model = tiny(name, vocab).eval()
-    images = torch.cat([batch["images"]] * 3)[: 2 * CPU_ENCODE_CHUNK + 3]  # two full chunks and a short one
+    images = torch.cat([batch["images"]] * 3)[: 2 * CPU_CHUNK + 3]  # two full chunks and a short one
     with torch.no_grad():
-        whole, chunked = model.encode_images(images), encode(model, images)
+        whole, chunked = model.encode_images(images), in_cpu_chunks(model.encode_images, images)
     assert whole.keys() == chunked.keys()
     for key in whole:
         assert torch.allclose(whole[key], chunked[key], atol=1e-5), key

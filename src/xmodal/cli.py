@@ -117,12 +117,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_caption(args: argparse.Namespace) -> int:
     from xmodal.data.files import expand_images
 
-    pipe = _load(args.model, "image-to-text")
     paths = expand_images(args.images)
     if not paths:
         raise ValueError("no images to caption (folders held no image files)")
     if args.attention_map and len(paths) != 1:
         raise ValueError("--attention-map draws one image: give exactly one")
+    if args.runtime == "onnx" and args.attention_map:
+        raise ValueError("--runtime onnx draws no attention maps: drop --attention-map (or use --runtime torch)")
+    if args.runtime != "torch" and not args.attention_map:
+        from xmodal.runtime import find_export
+
+        export = find_export(args.model, args.beam, require=args.runtime == "onnx")
+        if export is not None:
+            return _caption_onnx(args, paths, export)
+    pipe = _load(args.model, "image-to-text")
     options = {} if args.beam is None else {"method": "beam" if args.beam > 1 else "greedy", "beam_size": args.beam}
     options.update({k: v for k, v in (("max_len", args.max_len), ("min_len", args.min_len)) if v})
     skipped = []
@@ -144,6 +152,40 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     if skipped:
         print(f"{len(skipped)} of {len(paths)} images skipped (unreadable)", file=sys.stderr)
     return 1 if len(skipped) == len(paths) else 0
+
+
+def _caption_onnx(args: argparse.Namespace, paths: list[Path], export: Path) -> int:
+    """Captions with onnxruntime and numpy, no torch import (xmodal.runtime)."""
+    from xmodal.data.images import ImageLoadError, load_image
+    from xmodal.runtime import OnnxCaptioner
+
+    if (args.beam or 1) > 1:
+        raise ValueError("--runtime onnx decodes greedily: give --beam 1")
+    captioner = OnnxCaptioner(export)
+    limits = {k: v for k, v in (("max_len", args.max_len), ("min_len", args.min_len)) if v}
+    skipped = 0
+    for start in range(0, len(paths), args.batch_size):
+        images, good = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                images.append(load_image(path))
+                good.append(path)
+            except ImageLoadError as e:
+                skipped += 1
+                print(f"skipped: {e}", file=sys.stderr)
+        for path, caption in zip(good, captioner(images, batch_size=args.batch_size, **limits) if images else []):
+            print(json.dumps({"image": str(path), "caption": caption}) if args.json else f"{path}\t{caption}", flush=True)
+    if skipped:
+        print(f"{skipped} of {len(paths)} images skipped (unreadable)", file=sys.stderr)
+    return 1 if skipped == len(paths) else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from xmodal.export import export_onnx
+
+    meta = export_onnx(args.model, args.out)
+    print(json.dumps({"out": str(args.out), **meta}))
+    return 0
 
 
 def _attention_map(pipe, path: Path, result, out: Path) -> None:
@@ -455,6 +497,15 @@ def _add_use(sub) -> None:
     caption.add_argument("--batch-size", type=int, default=64)
     caption.add_argument("--json", action="store_true", help='one line per image: {"image": ..., "caption": ...}')
     caption.add_argument("--attention-map", type=Path, help="PNG drawing each word's attention (one image)")
+    caption.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto",
+                         help="onnx: onnxruntime, no PyTorch (--model is an export, or a model with one in MODEL/onnx); "
+                              "auto: onnx where the model has an export of its weights and decoding is greedy")
+
+    export = sub.add_parser("export", help="export a model to run without PyTorch")
+    export.set_defaults(func=_cmd_export)
+    export.add_argument("format", choices=("onnx",))
+    export.add_argument("model", help="bundled captioner name or model folder")
+    export.add_argument("out", type=Path, help="the folder to write (new, empty, or an earlier export)")
 
     gen = sub.add_parser("generate", help="generate images from text prompts")
     gen.set_defaults(func=_cmd_generate)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the ONNX runtime's path runs without it
+    import torch
 
 MAX_PIXELS = 89_478_485  # Pillow's default bomb limit; larger images are refused
 
@@ -98,6 +100,7 @@ def make_transform(preset: Preset = "shapes64"):
         return Preprocess(preset)
     if preset not in PRESETS:
         raise ValueError(f"unknown image preset {preset!r}; valid: {PRESETS}")
+    import torch
     from torchvision.transforms import v2
 
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
@@ -126,11 +129,18 @@ class Preprocess:
         self.mean = np.asarray(mean, np.float32)[:, None, None]
         self.std = np.asarray(std, np.float32)[:, None, None]
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image):
+        """The (3, H, W) float tensor."""
+        import torch
+
+        return torch.from_numpy(self.array(img))
+
+    def array(self, img: Image.Image) -> np.ndarray:
+        """The same as a numpy array (3, H, W) float32: no torch needed (the ONNX runtime's path)."""
         img = self.geometry(img)
         array = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)  # as torchvision scales
         array = np.repeat(array[None], 3, 0) if array.ndim == 2 else array.transpose(2, 0, 1)  # (3, H, W)
-        return torch.from_numpy(np.ascontiguousarray((array - self.mean) / self.std))
+        return np.ascontiguousarray((array - self.mean) / self.std)
 
     def __repr__(self) -> str:
         return f"Preprocess({self.preset!r})"

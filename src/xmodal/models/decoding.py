@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from xmodal.data.text import Vocabulary
+from xmodal.models.base import in_cpu_chunks
 
 Method = Literal["greedy", "beam", "sample"]
 METHODS: tuple[str, ...] = ("greedy", "beam", "sample")
@@ -87,26 +88,12 @@ def _forbid_specials(log_probs: torch.Tensor, length: int, options: DecodeOption
     return log_probs
 
 
-# Images per encoder call on a CPU. A conv net's activations for a few images stay in the
-# cache, for 256 they do not: the Shapes captioners' encoder ran 3.6x faster in calls of 8
-# than in one call of 256 (benchmarks/captioner.py). The decoder steps keep the whole batch.
-CPU_ENCODE_CHUNK = 8
-
-
-def encode(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`model.encode_images` over a batch, in cache-sized chunks on a CPU (the same numbers)."""
-    if images.device.type != "cpu" or len(images) <= CPU_ENCODE_CHUNK:
-        return model.encode_images(images)
-    parts = [model.encode_images(chunk) for chunk in images.split(CPU_ENCODE_CHUNK)]
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
-
 @torch.no_grad()
 def decode(model, images: torch.Tensor, options: DecodeOptions | None = None,
            generator: torch.Generator | None = None, return_attention: bool = False) -> list[Decoded]:
     """Caption a batch of preprocessed images (B, 3, H, W)."""
     options = options or DecodeOptions()
-    state = model.init_state(encode(model, images))
+    state = model.init_state(in_cpu_chunks(model.encode_images, images))
     if options.method == "beam" and options.beam_size > 1:
         return _beam(model, state, options, return_attention)
     return _left_to_right(model, state, options, generator, return_attention)

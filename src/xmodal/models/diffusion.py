@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.models.autoencoder import Autoencoder, AutoencoderConfig
-from xmodal.models.base import LAYOUT, SAMPLER_OPTIONS
+from xmodal.models.base import LAYOUT, SAMPLER_OPTIONS, in_cpu_chunks
 from xmodal.models.generation import TextToImageModel
 from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
@@ -204,12 +205,15 @@ class LatentDiffusion(TextToImageModel):
         self.unet = UNet(self.autoencoder.config.latent_channels, tuple(config.channels), d, config.heads, m)
         self.null_tokens = nn.Parameter(torch.zeros(1, 1, d))  # the "no text" condition
         self.null_pooled = nn.Parameter(torch.zeros(1, d))
-        self._train_scheduler = make_scheduler("ddpm", config)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.autoencoder.eval()  # frozen first stage
         return self
+
+    @functools.cached_property
+    def _train_scheduler(self):  # made when first trained: sampling a distilled student needs no diffusers
+        return make_scheduler("ddpm", self.config)
 
     def condition(self, texts, strict: bool = False):
         tokens, mask, pooled = self.encode_text(texts, strict=strict)
@@ -278,8 +282,21 @@ class LatentDiffusion(TextToImageModel):
     @torch.no_grad()
     def generate(self, texts, seeds, steps: int | None = None, guidance: float | None = None,
                  sampler: str | None = None, negative: str | None = None, strict: bool = False):
+        latents, _ = self.denoise(texts, seeds, steps, guidance, sampler, negative, strict)
+        return in_cpu_chunks(self.autoencoder.decode, latents * self.config.latent_scale).clamp(-1, 1)
+
+    @torch.no_grad()
+    def denoise(self, texts, seeds, steps: int | None = None, guidance: float | None = None,
+                sampler: str | None = None, negative: str | None = None, strict: bool = False,
+                record: Sequence[int] = ()) -> tuple[torch.Tensor, dict]:
+        """The sampled latents (B, C, 16, 16), unscaled, and what a student needs to learn this
+        sampling (`xmodal.models.distilled`): with `record`, "states" (B, len(record), C, 16, 16),
+        the latents after each recorded number of steps (0: the starting noise, `steps`: the
+        result), and "layout_map", the drawn layout (or None)."""
         c = self.config
         steps, guidance, sampler = self.check_options(steps, guidance, sampler)
+        if any(not 0 <= i <= steps for i in record):
+            raise ValueError(f"record: step counts must be in 0..{steps}, got {list(record)}")
         scheduler = make_scheduler(sampler, c)
         scheduler.set_timesteps(steps)
         b = len(texts)
@@ -302,7 +319,8 @@ class LatentDiffusion(TextToImageModel):
         both_tokens, both_mask = torch.cat([tokens, un_tokens]), torch.cat([mask, un_mask])
         both_pooled = torch.cat([pooled, un_pooled])
         both_map = torch.cat([layout_map, un_map]) if layout_map is not None else None
-        for t in scheduler.timesteps:
+        states = {0: latents} if 0 in record else {}
+        for i, t in enumerate(scheduler.timesteps, start=1):
             x = scheduler.scale_model_input(latents, t)
             if guidance == 1.0:
                 eps = self.unet(x, t.expand(b).to(device), tokens, mask, pooled, layout_map)
@@ -311,7 +329,10 @@ class LatentDiffusion(TextToImageModel):
                                          both_pooled, both_map).float().chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents, generator=generators).prev_sample
-        return self.autoencoder.decode(latents * c.latent_scale).clamp(-1, 1)
+            if i in record:
+                states[i] = latents
+        recorded = torch.stack([states[i] for i in record], 1) if record else None
+        return latents, {"states": recorded, "layout_map": layout_map}
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -17,14 +17,10 @@ from torch import nn
 
 from xmodal._version import __version__
 from xmodal.models.base import Capable
+from xmodal.models.folders import BUNDLED_DIR, ModelLoadError, bundled_models, resolve_model_dir  # noqa: F401 (re-exported)
 from xmodal.models.registry import get_model_class, make_config
 
 FORMAT_VERSION = 1
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
-
-
-class ModelLoadError(ValueError):
-    """A model name or folder that cannot be loaded; the message says why."""
 
 
 class PretrainedModel(Capable, nn.Module):
@@ -137,33 +133,6 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def default_card(meta: dict) -> str:
     config = json.dumps(meta["config"], indent=2)
     return f"# {meta['model']}\n\nTask: {meta['task']}. Saved by xmodal {meta['xmodal_version']}.\n\n```json\n{config}\n```\n"
-
-
-def bundled_models() -> list[str]:
-    if not BUNDLED_DIR.is_dir():
-        return []
-    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
-
-
-def resolve_model_dir(name_or_dir: str | Path) -> Path:
-    """The bundled model of that name, or a model folder. A bare name (no `/`) that a bundled
-    model has is always the bundled one, even where a folder of that name exists in the working
-    directory (a warning says how to reach the folder: `./name`)."""
-    text = str(name_or_dir)
-    if isinstance(name_or_dir, str) and text in bundled_models():
-        if Path(text).is_dir():
-            import warnings
-
-            warnings.warn(f"{text!r} is a bundled model and also a folder here; loading the bundled one "
-                          f"(give ./{text} for the folder)", stacklevel=3)
-        return BUNDLED_DIR / text
-    path = Path(name_or_dir)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path}: not a model folder (no config.json)")
-        return path
-    raise ModelLoadError(f"no model folder or bundled model named {str(name_or_dir)!r}; "
-                         f"bundled: {', '.join(bundled_models()) or '(none)'}")
 
 
 def read_model_meta(folder: str | Path) -> dict[str, Any]:

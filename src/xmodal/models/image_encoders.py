@@ -81,7 +81,8 @@ class FactorizedCNN(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         b, _, h, w = images.shape
         border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
-        background = border.median(dim=2).values[..., None, None]  # (B, 3, 1, 1)
+        # the lower median (torch.median's), as a sort: ONNX has no median operator
+        background = border.sort(dim=2).values[..., (border.size(2) - 1) // 2, None, None]  # (B, 3, 1, 1)
         distance = (images - background).abs().amax(dim=1, keepdim=True)  # (B, 1, H, W)
         mask = torch.sigmoid((distance - self.threshold) / 0.05)
         form = self.form.body(channels_last(mask))  # (B, Df, H/8, W/8)

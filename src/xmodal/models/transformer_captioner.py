@@ -145,7 +145,7 @@ class TransformerCaptioner(Captioner):
         t = state["k0"].size(2)
         if t >= self.token_pos.size(0):
             raise ValueError(f"{t + 1} tokens exceed this model's max_len + 2 = {self.token_pos.size(0)}")
-        x = self.token_emb(tokens)[:, None] + self.token_pos[t]  # (B, 1, d)
+        x = self.token_emb(tokens)[:, None] + self.token_pos[t:t + 1]  # (B, 1, d); a slice exports to ONNX with t dynamic
         new = {}
         for i, block in enumerate(self.blocks):
             x, new[f"k{i}"], new[f"v{i}"], weights = block.step(x, state[f"k{i}"], state[f"v{i}"],

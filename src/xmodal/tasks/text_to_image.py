@@ -28,17 +28,25 @@ from xmodal.training.config import ConfigError
 from xmodal.worlds.shapes import parse
 
 TASK = "text-to-image"
-RECIPE_KEYS: dict[str, object] = {"autoencoder_path": None}  # latent diffusion: a trained first stage
+# latent diffusion: a trained first stage; a few-step student: the diffusion model it distils
+RECIPE_KEYS: dict[str, object] = {"autoencoder_path": None, "teacher": None}
 DATA_DEFAULTS = {"captions": "random"}  # learn every paraphrase
 Reader = Callable[[Sequence[np.ndarray]], list]
 # What reads generated garments back: the bundled Fashion-MNIST captioner (the class its caption names)
 CLASS_READER = "fashion-captioner"
 
 
-def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path: str | None = None):
+def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path: str | None = None,
+          teacher: str | None = None):
     """A complete generator: its text encoder prepared on the training captions and, for latent
-    diffusion, the trained first stage (`autoencoder_path`) with the std of its latents."""
+    diffusion, the trained first stage (`autoencoder_path`) with the std of its latents; or, with
+    `teacher`, a student of that diffusion model (`xmodal.tasks.distillation`)."""
     import sys
+
+    if teacher is not None:
+        from xmodal.tasks.distillation import build_student
+
+        return build_student(name, values, data, seed, teacher)
 
     from xmodal.models.registry import create_model, get_model_class
     from xmodal.tasks.text_encoders import prepare_text_encoder
@@ -67,7 +75,11 @@ def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path:
     return model
 
 
-def collate(model, data: TrainData) -> GenerationCollate:
+def collate(model, data: TrainData):
+    from xmodal.tasks import distillation
+
+    if isinstance(data.train, distillation.Trajectories):
+        return distillation.collate
     return GenerationCollate(data.config.captions, layout_slots=model.layout_slots,
                              layout_labels=model.layout_labels, boxes=data.config.boxes)
 
