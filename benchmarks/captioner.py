@@ -53,8 +53,42 @@ def speed(pipe, beam: int, batch: int = 256, repeats: int = 3) -> dict:
         pipe([images[i]], **options)
         latencies.append(time.perf_counter() - start)
     return {"captions_per_s_batched": round(max(rates), 1), "single_image_ms_median": round(1000 * statistics.median(latencies), 2),
-            "utilization": utilization(lambda: pipe(images, batch_size=batch, **options), batch, max(rates),
+            "utilization": utilization(lambda: pipe(images, batch_size=batch, **options), batch, max(rates), pipe.model,
                                        torch.is_autocast_enabled("cpu"))}
+
+
+def onnx_report(pipe, name: str, count: int) -> dict | None:
+    """The model's ONNX export (MODEL/onnx, greedy), as `xmodal caption` runs it by default: exact
+    match, agreement with PyTorch's greedy captions of the same images, and speed."""
+    from PIL import Image
+
+    from xmodal.runtime import OnnxCaptioner, find_export
+
+    export = find_export(name, 1, require=False)
+    if export is None:
+        return None
+    runtime = OnnxCaptioner(export)
+    out = {}
+    for split in ("test", "novel"):
+        data = ShapesDataset(split, count, seed=77, cache=True)
+        images = [Image.fromarray(data.item(i)[1]) for i in range(count)]
+        captions = runtime(images, batch_size=256)
+        reference = pipe(images, batch_size=256, method="greedy")
+        out[split] = {"exact_match": round(captioning.score(captions, data.records)["exact_match"], 4),
+                      "same_as_torch": round(sum(a == b for a, b in zip(captions, reference)) / count, 4)}
+    images = images[:256]
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        runtime(images, batch_size=256)
+        rates.append(len(images) / (time.perf_counter() - start))
+    latencies = []
+    for im in images[:30]:
+        start = time.perf_counter()
+        runtime([im])
+        latencies.append(time.perf_counter() - start)
+    return {**out, "captions_per_s_batched": round(max(rates), 1),
+            "single_image_ms_median": round(1000 * statistics.median(latencies), 2)}
 
 
 def main() -> None:
@@ -73,6 +107,7 @@ def main() -> None:
             result[split] = quality(pipe, split, args.count, args.beam)
         result["speed_beam"] = speed(pipe, args.beam)
         result["speed_greedy"] = speed(pipe, 1)
+    result["onnx"] = onnx_report(pipe, args.model, args.count)
     print(json.dumps(result))
 
 

@@ -65,14 +65,32 @@ def speed_report(pipe, options: GenerateOptions) -> dict:
     """Images per second in batches of 64 and 256, and how near the machine's peak batch 64 runs."""
     rates = {f"batch{b}": speed(pipe, options, b) for b in (64, 256)}
     prompts = record_prompts(ShapesDataset("test", 64, seed=92).records)
-    used = utilization(lambda: pipe(prompts, batch_size=64, options=options), 64, rates["batch64"],
+    used = utilization(lambda: pipe(prompts, batch_size=64, options=options), 64, rates["batch64"], pipe.model,
                        torch.is_autocast_enabled("cpu"))
-    return {"images_per_s": rates, "utilization": used}
+    return {"images_per_s": rates, "utilization": used, **decoder_share(pipe, rates["batch64"])}
+
+
+def decoder_share(pipe, per_s: float) -> dict:
+    """A latent model's autoencoder decoder: milliseconds per image, and its share of the time per image."""
+    from xmodal.models.base import in_cpu_chunks
+    from xmodal.models.diffusion import LatentDiffusion
+
+    model = pipe.model
+    if not isinstance(model, LatentDiffusion):
+        return {}
+    latents = torch.randn(64, model.autoencoder.config.latent_channels, 16, 16)
+    with torch.inference_mode():
+        in_cpu_chunks(model.autoencoder.decode, latents)
+        start = time.perf_counter()
+        for _ in range(3):
+            in_cpu_chunks(model.autoencoder.decode, latents)
+    ms = (time.perf_counter() - start) / 3 / 64 * 1000
+    return {"decoder_ms_per_image": round(ms, 2), "decoder_share": round(ms * per_s / 1000, 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="shapes-diffusion")
+    parser.add_argument("--model", default="shapes-diffusion-fast")
     parser.add_argument("--captioner", nargs="+", default=["shapes-captioner", "shapes-captioner-transformer"],
                         help="the captioners that read the images back (cycle)")
     parser.add_argument("--count", type=int, default=500)

@@ -40,10 +40,18 @@ def peak(kind: str = "matmul", dtype: torch.dtype = torch.float32, seconds: floa
         return _rate(lambda: torch.nn.functional.conv2d(x, w, padding=1), flops, seconds)
 
 
-def flops_per_item(fn, items: int) -> float:
-    """Matmul and convolution FLOPs of one call of `fn` (that handles `items` items), per item."""
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        fn()
+def flops_per_item(fn, items: int, model: torch.nn.Module) -> float:
+    """Matmul and convolution FLOPs of one call of `fn` (that handles `items` items with `model`),
+    per item. The counter's module hooks fail on weights that require grad under no_grad, so the
+    model's weights are frozen while it counts."""
+    wanted = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for p in wanted:
+            p.requires_grad_(True)
     return counter.get_total_flops() / items
 
 
@@ -59,11 +67,11 @@ def top_ops(fn, n: int = 5) -> list[dict]:
              "calls": e.count} for e in events[:n]]
 
 
-def utilization(fn, items: int, per_s: float, bf16: bool = False) -> dict:
-    """FLOPs per item of `fn` (one call: `items` items), achieved GFLOP/s at `per_s` items per
-    second, its fraction of the matmul and conv peaks in the dtype used, and the top ops."""
+def utilization(fn, items: int, per_s: float, model: torch.nn.Module, bf16: bool = False) -> dict:
+    """FLOPs per item of `fn` (one call: `items` items with `model`), achieved GFLOP/s at `per_s`
+    items per second, its fraction of the matmul and conv peaks in the dtype used, and the top ops."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    flops = flops_per_item(fn, items)
+    flops = flops_per_item(fn, items, model)
     achieved = flops * per_s / 1e9
     peaks = {kind: round(peak(kind, dtype), 1) for kind in ("matmul", "conv")}
     return {"mflops_per_item": round(flops / 1e6, 2), "achieved_gflops": round(achieved, 1),

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-DEFAULT_GENERATOR = "shapes-diffusion"
+DEFAULT_GENERATOR = "shapes-diffusion-fast"  # 2 UNet passes; its 20-pass teacher is "shapes-diffusion"
 DEFAULT_CAPTIONER = "shapes-captioner-transformer"  # the most accurate; the LSTM is "shapes-captioner"
 DEMO_PROMPTS = [
     "a large red circle",

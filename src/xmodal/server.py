@@ -275,7 +275,7 @@ class _Service:
         return self.limits.upload_bytes + 64 * 1024 if path == "/v1/caption" else self.limits.json_bytes
 
 
-def create_app(generator: str = "shapes-diffusion", captioner: str = "shapes-captioner-transformer",
+def create_app(generator: str = "shapes-diffusion-fast", captioner: str = "shapes-captioner-transformer",
                max_upload_bytes: int = MAX_UPLOAD_BYTES, limits: ServerLimits | None = None,
                api_key: str | None = None, cors_origin: str | None = None, docs: bool = True) -> FastAPI:
     """The app; `api_key` (default: $XMODAL_API_KEY) guards every /v1 route when set."""
@@ -405,7 +405,7 @@ def _decode_image(data: bytes, name: str, limits: ServerLimits):
     return load_image(io.BytesIO(data), max_pixels=limits.pixels, max_side=limits.image_side, name=name)
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, generator: str = "shapes-diffusion",
+def serve(host: str = "127.0.0.1", port: int = 8000, generator: str = "shapes-diffusion-fast",
           captioner: str = "shapes-captioner-transformer", api_key: str | None = None, cors_origin: str | None = None,
           docs: bool = True) -> None:
     import uvicorn

@@ -107,7 +107,7 @@ def _left_to_right(model, state, options, generator, return_attention) -> list[D
     histories: list[list[int]] = [[] for _ in range(b)]
     attentions: list[list[torch.Tensor]] = [[] for _ in range(b)]
     scores = torch.zeros(b)
-    done = torch.zeros(b, dtype=torch.bool)
+    done = [False] * b  # Python lists, not tensors: indexing a tensor row by row costs more than the model's step
     reached_end = [False] * b
     for t in range(options.max_len + 1):
         log_probs, state, attention = model.step(state, tokens)
@@ -121,7 +121,7 @@ def _left_to_right(model, state, options, generator, return_attention) -> list[D
         else:
             choice = log_probs.argmax(dim=-1)
         chosen = log_probs.gather(1, choice[:, None].cpu()).squeeze(1)  # (B,)
-        scores += torch.where(done, torch.zeros_like(chosen), chosen)
+        scores += torch.where(torch.tensor(done), torch.zeros_like(chosen), chosen)
         step_attention = attention.float().cpu() if (return_attention and attention is not None) else None
         for i, token in enumerate(choice.tolist()):
             if done[i]:
@@ -132,7 +132,7 @@ def _left_to_right(model, state, options, generator, return_attention) -> list[D
                 histories[i].append(token)
                 if step_attention is not None:
                     attentions[i].append(step_attention[i])
-        if done.all():
+        if all(done):
             break
         tokens = choice.to(device)
     return [Decoded(h, float(s), e, torch.stack(a) if a else None)

@@ -65,7 +65,8 @@ class DecoderBlock(nn.Module):
         d = memory.size(-1)
         w, b = self.cross_attn.in_proj_weight[d:], self.cross_attn.in_proj_bias[d:]
         k, v = F.linear(memory, w, b).chunk(2, dim=-1)
-        return _heads(k, self.cross_attn.num_heads), _heads(v, self.cross_attn.num_heads)
+        # contiguous once here, or every step's matmul copies them (the largest cost of decoding was that copy)
+        return _heads(k, self.cross_attn.num_heads).contiguous(), _heads(v, self.cross_attn.num_heads).contiguous()
 
     def step(self, x, keys, values, cross_k, cross_v):
         """One new position x (B, 1, d) against the cached self-attention keys/values (B, H, t, d/H)
