@@ -2,8 +2,10 @@
 
     python benchmarks/startup.py [--repeats 5]
 
-Runs `xmodal caption one.png` and `xmodal generate "..." -n 1` as a new user would (a fresh
-process each time, the bundled default models), and `python -c "import torch"` for scale.
+Runs `xmodal caption one.png` (the default: the bundled ONNX export, no torch; and with
+`--runtime torch`) and `xmodal generate "..." -n 1` (the default generator, and its teacher
+`shapes-diffusion`) as a new user would (a fresh process each time), and `python -c "import torch"`
+for scale.
 Reports the median wall seconds and the largest peak resident memory (MB) over the repeats,
 and which heavy packages the caption path imported.
 """
@@ -20,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HEAVY = ("torchvision", "transformers", "diffusers", "pycocoevalcap", "torchmetrics", "fastapi", "matplotlib")
+HEAVY = ("torch", "torchvision", "transformers", "diffusers", "pycocoevalcap", "torchmetrics", "fastapi", "matplotlib")
 
 
 # Runs a command line in this interpreter and prints its own peak memory when it exits.
@@ -55,12 +57,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        from PIL import Image
-
-        from xmodal.data.shapes import ShapesDataset
-
         one = Path(tmp) / "one.png"
-        Image.fromarray(ShapesDataset("test", 1, seed=5).image(0)).save(one)
+        # drawn in another process: this one stays small, since a child's peak memory counts its
+        # parent's at the fork (Linux ru_maxrss), and a parent holding torch would be every child's floor
+        subprocess.run([sys.executable, "-c", "from PIL import Image; from xmodal.data.shapes import ShapesDataset; "
+                        f"Image.fromarray(ShapesDataset('test', 1, seed=5).image(0)).save({str(one)!r})"], check=True)
         probe = (f"import sys; from xmodal.cli import main; main(['caption', {str(one)!r}]); "
                  f"print('IMPORTED', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
         imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
@@ -70,8 +71,12 @@ def main() -> None:
             "import_torch": run(["-c", "import torch"], args.repeats),
             # the first run of each command is measured too (the model files are in the page cache after it)
             "caption_one_png": run(["-m", "xmodal", "caption", str(one)], args.repeats),
+            "caption_one_png_runtime_torch": run(["-m", "xmodal", "caption", str(one), "--runtime", "torch"],
+                                                 args.repeats),
             "generate_one": run(["-m", "xmodal", "generate", "a small red circle", "-n", "1", "--out", tmp],
                                 args.repeats),
+            "generate_one_teacher": run(["-m", "xmodal", "generate", "a small red circle", "-n", "1", "--out", tmp,
+                                         "--model", "shapes-diffusion"], args.repeats),
             "caption_path_imports": line[0].split(" ", 1)[1] if line else imported.stderr[-300:],
         }
     print(json.dumps(result))

@@ -128,3 +128,12 @@ def test_decoder_second_stage_keeps_the_latent_space(tmp_path, capsys):
     capsys.readouterr()
     assert train("bad", f'init_from = "{tmp_path / "nowhere"}"\n') == 2
     assert "init_from" in capsys.readouterr().err
+
+
+def test_channels_last_upsampling_is_nearest_neighbour_exactly():
+    from xmodal.models.image_encoders import upsample2x
+
+    x = torch.randn(3, 5, 7, 6)
+    out = upsample2x(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, torch.nn.Upsample(scale_factor=2, mode="nearest")(x))

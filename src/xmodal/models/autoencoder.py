@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from xmodal.models.hub import PretrainedModel
+from xmodal.models.image_encoders import Upsample2x
 from xmodal.models.registry import register_model
 
 
@@ -56,8 +57,8 @@ class Autoencoder(PretrainedModel):
         d16, d32, d64 = config.decoder_channels or tuple(reversed(config.channels))
         self.decoder = nn.Sequential(
             _conv(config.latent_channels, d16), _conv(d16, d16),  # 16 px
-            nn.Upsample(scale_factor=2, mode="nearest"), _conv(d16, d32), _conv(d32, d32),  # 32 px
-            nn.Upsample(scale_factor=2, mode="nearest"), _conv(d32, d64),  # 64 px
+            Upsample2x(), _conv(d16, d32), _conv(d32, d32),  # 32 px
+            Upsample2x(), _conv(d32, d64),  # 64 px
             *(_conv(d64, d64) for _ in range(config.decoder_depth - 1)),
             nn.Conv2d(d64, 3, 3, 1, 1), nn.Tanh(),
         )

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from xmodal.models.generation import TextToImageModel, stage_sizes
+from xmodal.models.image_encoders import upsample2x
 from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
 from xmodal.models.text_encoders import TextEncoderConfig
@@ -65,7 +66,7 @@ class UpStage(nn.Module):
         self.film = FiLM(cond_dim, cout)
 
     def forward(self, x, cond, layout_map=None):  # layout_map (B, M, 2H, 2W) or None
-        x = nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        x = upsample2x(x)
         if layout_map is not None:
             x = torch.cat([x, layout_map], 1)
         return nn.functional.silu(self.film(self.norm(self.conv(x)), cond))

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from xmodal.models.generation import TextToImageModel, stage_sizes
-from xmodal.models.image_encoders import channels_last
+from xmodal.models.image_encoders import channels_last, upsample2x
 from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
 from xmodal.models.text_encoders import TextEncoderConfig
@@ -83,7 +83,7 @@ class GBlock(nn.Module):
         self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, cond, layout_map=None):  # layout_map (B, M, 2H, 2W) or None
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = upsample2x(x)
         h = F.leaky_relu(self.fuse1(x, cond), 0.2)
         if layout_map is not None:
             h = torch.cat([h, layout_map], 1)

@@ -35,6 +35,7 @@ from torch import nn
 from xmodal.models.autoencoder import Autoencoder, AutoencoderConfig
 from xmodal.models.base import LAYOUT, SAMPLER_OPTIONS, in_cpu_chunks
 from xmodal.models.generation import TextToImageModel
+from xmodal.models.image_encoders import Upsample2x
 from xmodal.models.layout import LayoutConfig
 from xmodal.models.registry import register_model
 from xmodal.models.text_encoders import TextEncoderConfig
@@ -127,7 +128,7 @@ class UNet(nn.Module):
         self.down2, self.att2 = ResBlock(c1, c2, emb), AttentionBlock(c2, text_dim, heads)  # 8 px
         self.mid, self.att_mid = ResBlock(c2, c2, emb), AttentionBlock(c2, text_dim, heads)
         self.up2, self.att_up2 = ResBlock(2 * c2, c2, emb), AttentionBlock(c2, text_dim, heads)
-        self.upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c2, c1, 3, 1, 1))
+        self.upsample = nn.Sequential(Upsample2x(), nn.Conv2d(c2, c1, 3, 1, 1))
         self.up1, self.att_up1 = ResBlock(2 * c1, c1, emb), AttentionBlock(c1, text_dim, heads)
         self.norm_out = nn.GroupNorm(8, c1)
         self.conv_out = nn.Conv2d(c1, latent_channels, 3, 1, 1)

@@ -30,6 +30,19 @@ def channels_last(images: torch.Tensor) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling (`nn.Upsample(scale_factor=2)`) in
+    channels-last memory: this torch's kernel for NCHW tensors ran 30-50x slower on a CPU (5.5 ms
+    against 0.18 for 8 x 64 x 32 x 32), and was a third of the diffusion decoder's time. The convolutions
+    after it then run channels-last too: pictures differ by at most 1 level of 255 (rounding)."""
+    return nn.functional.interpolate(channels_last(x), scale_factor=2, mode="nearest")
+
+
+class Upsample2x(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upsample2x(x)
+
+
 class SmallCNN(nn.Module):
     """3x64x64 -> (B, 64, D): conv-BN-ReLU stages, each halving the side after the first."""
 

@@ -94,7 +94,9 @@ class LayoutModel(nn.Module):
             raise ValueError(f"the prompt has {t} tokens; the layout stage reads at most {self.config.max_len}")
         memory = self.memory(tokens) + self.position.weight[:t]  # (B, T, D)
         queries = self.queries.expand(b, -1, -1)  # (B, K, D)
-        return self.decoder(queries, memory, memory_key_padding_mask=~mask.bool())  # (B, K, D)
+        padding = ~mask.bool()
+        # no mask when nothing is padded (the same numbers): torch's mask check imports sympy, 0.4 s of start-up
+        return self.decoder(queries, memory, memory_key_padding_mask=padding if padding.any() else None)  # (B, K, D)
 
     def _bins(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """boxes (..., 3) -> radius bin (...), centre bin (...) = row * grid + column."""
