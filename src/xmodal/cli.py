@@ -156,7 +156,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 def _caption_onnx(args: argparse.Namespace, paths: list[Path], export: Path) -> int:
     """Captions with onnxruntime and numpy, no torch import (xmodal.runtime)."""
-    from xmodal.data.images import ImageLoadError, load_image
+    from xmodal.data.files import read_batches
     from xmodal.runtime import OnnxCaptioner
 
     if (args.beam or 1) > 1:
@@ -164,16 +164,11 @@ def _caption_onnx(args: argparse.Namespace, paths: list[Path], export: Path) -> 
     captioner = OnnxCaptioner(export)
     limits = {k: v for k, v in (("max_len", args.max_len), ("min_len", args.min_len)) if v}
     skipped = 0
-    for start in range(0, len(paths), args.batch_size):
-        images, good = [], []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                images.append(load_image(path))
-                good.append(path)
-            except ImageLoadError as e:
-                skipped += 1
-                print(f"skipped: {e}", file=sys.stderr)
-        for path, caption in zip(good, captioner(images, batch_size=args.batch_size, **limits) if images else []):
+    for good, arrays, errors in read_batches(paths, args.batch_size, captioner.preprocess):
+        for _, error in errors:
+            skipped += 1
+            print(f"skipped: {error}", file=sys.stderr)
+        for path, caption in zip(good, captioner.caption_arrays(arrays, **limits) if arrays else []):
             print(json.dumps({"image": str(path), "caption": caption}) if args.json else f"{path}\t{caption}", flush=True)
     if skipped:
         print(f"{skipped} of {len(paths)} images skipped (unreadable)", file=sys.stderr)

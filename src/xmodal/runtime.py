@@ -76,6 +76,7 @@ class OnnxCaptioner:
         except Exception as e:  # onnxruntime raises its own classes for missing and corrupt files
             raise OnnxExportError(f"{folder}: not a loadable ONNX export ({type(e).__name__}: {str(e)[:200]})") from None
         self.words = json.loads((folder / "vocab.json").read_text()) if (folder / "vocab.json").is_file() else []
+        self._preprocess = None
 
     @property
     def preset(self) -> str:
@@ -115,15 +116,23 @@ class OnnxCaptioner:
             tokens = choice.astype(np.int64)
         return words
 
-    def __call__(self, images: Sequence, batch_size: int = 64, **limits) -> list[str]:
-        """Captions for PIL images."""
+    def preprocess(self, image) -> np.ndarray:
+        """A PIL image as the model's evaluation preset makes it: (3, H, W) float32."""
         from xmodal.data.images import Preprocess
 
-        preprocess = Preprocess(self.preset)
+        if self._preprocess is None:
+            self._preprocess = Preprocess(self.preset)
+        return self._preprocess.array(image)
+
+    def caption_arrays(self, arrays: Sequence[np.ndarray], **limits) -> list[str]:
+        """Captions for preprocessed images, one batch."""
+        return [" ".join(self.words[i] for i in ids) for ids in self.decode(np.stack(arrays), **limits)]
+
+    def __call__(self, images: Sequence, batch_size: int = 64, **limits) -> list[str]:
+        """Captions for PIL images."""
         out = []
         for start in range(0, len(images), batch_size):
-            batch = np.stack([preprocess.array(im) for im in images[start:start + batch_size]])
-            out += [" ".join(self.words[i] for i in ids) for ids in self.decode(batch, **limits)]
+            out += self.caption_arrays([self.preprocess(im) for im in images[start:start + batch_size]], **limits)
         return out
 
 

@@ -86,15 +86,12 @@ class ImageToTextPipeline:
                        **options) -> Iterator[tuple[Path, CaptionResult]]:
         """(path, result) for each readable image file, batch by batch; an unreadable file is
         handed to `on_skip` and skipped alone, never failing its batch."""
-        for start in range(0, len(paths), batch_size):
-            images, good = [], []
-            for path in map(Path, paths[start:start + batch_size]):
-                try:
-                    images.append(load_image(path))
-                    good.append(path)
-                except ImageLoadError as e:
-                    if on_skip is not None:
-                        on_skip(path, e)
+        from xmodal.data.files import read_batches
+
+        for good, images, errors in read_batches(list(paths), batch_size):
+            for path, e in errors:
+                if on_skip is not None:
+                    on_skip(path, e)
             if images:
                 yield from zip(good, self.describe(images, batch_size=batch_size, **options))
 
