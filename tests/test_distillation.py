@@ -107,12 +107,12 @@ def test_recording_continues_after_a_kill_and_a_grid_miss_is_named(teacher, tmp_
     from xmodal.models.diffusion import LatentDiffusion
 
     monkeypatch.setattr(distillation, "BLOCK", 16)
-    calls = []
+    calls, die_at = [], [3]
     real = LatentDiffusion.denoise
 
     def dies_on_the_third_block(self, texts, seeds, *args, **kw):
         calls.append(seeds[0])
-        if len(calls) == 3:
+        if len(calls) == die_at[0]:
             raise KeyboardInterrupt
         return real(self, texts, seeds, *args, **kw)
 
@@ -122,9 +122,13 @@ def test_recording_continues_after_a_kill_and_a_grid_miss_is_named(teacher, tmp_
     saved = torch.load(tmp_path / "run" / "trajectories.pt", weights_only=True)
     assert sum(len(s) for s in saved["states"]) == 32  # two blocks kept
     calls.clear()
+    die_at[0] = 0
     assert main(["train", str(config), "--train.steps=2"]) == 0
     assert calls == [distillation.SEED_OFFSET + 32]  # only the missing block was recorded
-    capsys.readouterr()
+    (tmp_path / "run" / "trajectories.pt").write_bytes(b"\x80garbage")  # damaged: recorded again, no traceback
+    calls.clear()
+    assert main(["train", str(config), "--resume", "--train.steps=3"]) == 0
+    assert len(calls) == 3 and "unreadable" in capsys.readouterr().err
     assert main(["train", str(_config(tmp_path, teacher, "[900, 500]")), "--train.out_dir=" + str(tmp_path / "r2")]) == 2
     assert "student_timesteps [500] are not on the teacher's 10-step dpm grid" in capsys.readouterr().err
     assert main(["train", str(_config(tmp_path, "shapes-clip")), "--train.out_dir=" + str(tmp_path / "r3")]) == 2

@@ -89,6 +89,20 @@ def teacher_steps(teacher, student) -> list[int]:
     return [grid.index(t) for t in student.times[:-1]] + [c.steps]
 
 
+def _load(path: Path) -> dict | None:
+    """The trajectories recorded so far, or None (none yet, or a damaged file: recorded again)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        if not isinstance(saved, dict) or not {"key", "states", "maps"} <= saved.keys():
+            raise ValueError("not a trajectories file")
+        return saved
+    except Exception as e:  # torch.load raises many kinds (EOFError, IndexError, UnpicklingError ...) on a damaged file
+        print(f"{path} is unreadable ({type(e).__name__}: {str(e)[:100]}): recording again", file=sys.stderr)
+        return None
+
+
 def record(teacher, student, data: TrainData, seed: int) -> Trajectories:
     """The teacher's trajectories for every training record, recorded (or continued) in the run folder."""
     steps = teacher_steps(teacher, student)
@@ -96,7 +110,7 @@ def record(teacher, student, data: TrainData, seed: int) -> Trajectories:
     texts = [rng.choice(r["captions"]) for r in data.train.records]
     path = Path(data.work_dir or ".") / "trajectories.pt"
     key = {"teacher": student.config.teacher, "steps": steps, "texts": texts}
-    saved = torch.load(path, weights_only=True) if path.is_file() else None
+    saved = _load(path)
     if saved is not None and saved["key"] != key:
         print(f"{path} was recorded for another teacher, grid or data: recording again", file=sys.stderr)
         saved = None
