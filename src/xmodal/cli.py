@@ -234,7 +234,7 @@ MAX_IMAGES_PER_PROMPT = 100_000
 def _save_png(image, path: Path) -> None:
     """Write then rename: a killed run leaves whole files only (so --skip-existing can trust them)."""
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
+    image.save(tmp, format="PNG", compress_level=1)  # 0.25 ms a picture against 0.7 at level 6; files a third larger
     os.replace(tmp, path)
 
 
