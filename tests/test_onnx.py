@@ -115,6 +115,9 @@ def test_bad_exports_and_folders_are_named(images, tmp_path, capsys):
     assert main([*args, str(tmp_path)]) == 2 and "not a model folder (no config.json)" in capsys.readouterr().err
     folder = trained_briefly("transformer-captioner", tmp_path)
     export_onnx(folder, tmp_path / "onnx")
+    meta = json.loads((tmp_path / "onnx" / "onnx.json").read_text())
+    (tmp_path / "onnx" / "onnx.json").write_text(json.dumps({**meta, "state": ["k0", "v0"]}))  # tampered
+    assert main([*args, str(tmp_path / "onnx")]) == 2 and "do not run as onnx.json describes" in capsys.readouterr().err
     (tmp_path / "onnx" / "step.onnx").write_bytes(b"not a graph")
     assert main([*args, str(tmp_path / "onnx")]) == 2 and "not a loadable ONNX export" in capsys.readouterr().err
     assert main([*args[:-1], "--beam", "3", "--model", str(tmp_path / "onnx")]) == 2

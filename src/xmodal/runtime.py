@@ -83,11 +83,18 @@ class OnnxCaptioner:
         return self.meta["preset"]
 
     def start(self, images: np.ndarray) -> list[np.ndarray]:
-        return self._start.run(None, {"images": images.astype(np.float32, copy=False)})
+        return self._run(self._start, {"images": images.astype(np.float32, copy=False)})
 
     def step(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        out = self._step.run(None, {"tokens": tokens.astype(np.int64, copy=False), **dict(zip(self.names, state))})
+        out = self._run(self._step, {"tokens": tokens.astype(np.int64, copy=False), **dict(zip(self.names, state))})
         return out[0], out[1:]
+
+    def _run(self, session, feeds: dict) -> list[np.ndarray]:
+        try:
+            return session.run(None, feeds)
+        except Exception as e:  # onnxruntime's own error classes: a graph that does not fit its onnx.json
+            raise OnnxExportError(f"the ONNX graphs do not run as onnx.json describes them ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); export again") from None
 
     def decode(self, images: np.ndarray, max_len: int = 0, min_len: int = 0) -> list[list[int]]:
         """Greedy word ids for a batch of preprocessed images (B, 3, H, W)."""
