@@ -3,7 +3,7 @@
 The teacher (`LatentDiffusion`) draws with DPM-Solver++ in `steps` steps and classifier-free
 guidance: two UNet passes per step (20 for the bundled `shapes-diffusion`). The student is
 the same network, initialized from the teacher, that goes from the same starting noise to
-the same picture in K deterministic DDIM jumps (`student_timesteps`, e.g. 900 -> 400 ->
+the same picture in K deterministic DDIM jumps (`student_timesteps`, e.g. 900 -> 450 ->
 clean), one conditional pass each, guidance built in.
 
 It learns from the teacher's own sampling trajectories (`LatentDiffusion.denoise(record=...)`),
@@ -40,10 +40,13 @@ CLEAN = -1  # the timestep of a finished picture
 
 @dataclass
 class DistilledConfig(DiffusionConfig):
-    student_timesteps: tuple[int, ...] = (900, 400)  # one UNet pass at each, then a DDIM jump to the next (or clean)
-    teacher: str = ""  # the teacher's name or folder (a record; sampling does not need it)
-    teacher_steps: int = 10  # the teacher's sampling that was distilled (`steps`, `guidance`, `sampler`
-                             # keep the teacher's values, for the record)
+    # One UNet pass at each, then a DDIM jump to the next (or to the picture); on the teacher's
+    # sampling grid (10 DPM-Solver++ steps: 900, 810, ..., 90)
+    student_timesteps: tuple[int, ...] = (900, 450)
+    # For the record (sampling needs neither): the teacher's name or folder and its steps; the
+    # inherited `steps`, `guidance` and `sampler` keep the teacher's values too
+    teacher: str = ""
+    teacher_steps: int = 10
 
 
 def alphas_cumprod(train_timesteps: int, beta_schedule: str) -> torch.Tensor:
