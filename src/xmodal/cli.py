@@ -124,15 +124,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         raise ValueError("--attention-map draws one image: give exactly one")
     if args.runtime == "onnx" and args.attention_map:
         raise ValueError("--runtime onnx draws no attention maps: drop --attention-map (or use --runtime torch)")
-    if args.runtime != "torch" and not args.attention_map:
-        from xmodal.runtime import find_export
-
-        export = find_export(args.model, args.beam, require=args.runtime == "onnx")
-        if export is not None:
-            return _caption_onnx(args, paths, export)
-    pipe = _load(args.model, "image-to-text")
-    options = {} if args.beam is None else {"method": "beam" if args.beam > 1 else "greedy", "beam_size": args.beam}
-    options.update({k: v for k, v in (("max_len", args.max_len), ("min_len", args.min_len)) if v})
+    limits = {k: v for k, v in (("max_len", args.max_len), ("min_len", args.min_len)) if v}
     skipped = []
     bar = _bar(len(paths), "caption", "img", quiet=len(paths) < 64)
 
@@ -141,38 +133,35 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         print(f"skipped: {error}", file=sys.stderr)
         bar.update(1)
 
-    for path, result in pipe.describe_files(paths, args.batch_size, on_skip,
-                                            return_attention=bool(args.attention_map), **options):
-        print(json.dumps({"image": str(path), "caption": result.caption}) if args.json else f"{path}\t{result.caption}",
-              flush=True)
+    export = None
+    if args.runtime != "torch" and not args.attention_map:
+        from xmodal.runtime import find_export
+
+        export = find_export(args.model, args.beam, require=args.runtime == "onnx")
+    if export is not None:  # onnxruntime and numpy, no torch import (xmodal.runtime)
+        from xmodal.runtime import OnnxCaptioner
+
+        captions = OnnxCaptioner(export).describe_files(paths, args.batch_size, on_skip, **limits)
+    else:
+        captions = _torch_captions(args, paths, on_skip, limits)
+    for path, caption in captions:
+        print(json.dumps({"image": str(path), "caption": caption}) if args.json else f"{path}\t{caption}", flush=True)
         bar.update(1)
-        if args.attention_map:
-            _attention_map(pipe, path, result, args.attention_map)
     bar.close()
     if skipped:
         print(f"{len(skipped)} of {len(paths)} images skipped (unreadable)", file=sys.stderr)
     return 1 if len(skipped) == len(paths) else 0
 
 
-def _caption_onnx(args: argparse.Namespace, paths: list[Path], export: Path) -> int:
-    """Captions with onnxruntime and numpy, no torch import (xmodal.runtime)."""
-    from xmodal.data.files import read_batches
-    from xmodal.runtime import OnnxCaptioner
-
-    if (args.beam or 1) > 1:
-        raise ValueError("--runtime onnx decodes greedily: give --beam 1")
-    captioner = OnnxCaptioner(export)
-    limits = {k: v for k, v in (("max_len", args.max_len), ("min_len", args.min_len)) if v}
-    skipped = 0
-    for good, arrays, errors in read_batches(paths, args.batch_size, captioner.preprocess):
-        for _, error in errors:
-            skipped += 1
-            print(f"skipped: {error}", file=sys.stderr)
-        for path, caption in zip(good, captioner.caption_arrays(arrays, **limits) if arrays else []):
-            print(json.dumps({"image": str(path), "caption": caption}) if args.json else f"{path}\t{caption}", flush=True)
-    if skipped:
-        print(f"{skipped} of {len(paths)} images skipped (unreadable)", file=sys.stderr)
-    return 1 if skipped == len(paths) else 0
+def _torch_captions(args: argparse.Namespace, paths: list[Path], on_skip, limits: dict):
+    """(path, caption) from the PyTorch pipeline; each attention map drawn once its caption is out."""
+    pipe = _load(args.model, "image-to-text")
+    options = {} if args.beam is None else {"method": "beam" if args.beam > 1 else "greedy", "beam_size": args.beam}
+    for path, result in pipe.describe_files(paths, args.batch_size, on_skip, return_attention=bool(args.attention_map),
+                                            **options, **limits):
+        yield path, result.caption
+        if args.attention_map:
+            _attention_map(pipe, path, result, args.attention_map)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -125,7 +125,7 @@ def _check(model, out: Path, images: torch.Tensor, names: list[str]) -> float:
     """The largest difference of the log-probabilities over a greedy decoding, ONNX vs PyTorch."""
     from xmodal.runtime import OnnxCaptioner
 
-    runtime = OnnxCaptioner(out, meta={"state": names})
+    runtime = OnnxCaptioner(out, meta={"state": names, "preset": model.config.image_preset})
     state = runtime.start(images.numpy())
     with torch.no_grad():
         reference = model.init_state(model.encode_images(images))

@@ -10,11 +10,13 @@ here imports torch: this is the start-up path of a deployment without PyTorch.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from xmodal.data.files import read_batches
+from xmodal.data.images import Preprocess
 from xmodal.data.text import Vocabulary
 
 EXPORT_SUBFOLDER = "onnx"  # an export inside a model folder, made from its weights
@@ -33,21 +35,24 @@ def weights_digest(model_folder: Path) -> str:
 
 def find_export(model: str, beam: int | None, require: bool) -> Path | None:
     """The ONNX export to caption with for `--model model`: the folder itself when it is an
-    export, else MODEL/onnx when it was made from MODEL's weights and the decoding is greedy
-    (`beam` 1, or None and the model's own decoding greedy). None where the PyTorch path must
-    run; with `require` (`--runtime onnx`), the reason is raised instead."""
-    from xmodal.models.folders import resolve_model_dir
+    export, else MODEL/onnx when it was made from MODEL's weights, as long as the decoding is
+    greedy (`beam` 1, or None and the model's own decoding greedy). None where the PyTorch path
+    must run; with `require` (`--runtime onnx`), the reason is raised instead."""
+    from xmodal.models.folders import read_model_meta, resolve_model_dir
 
-    if Path(model, "onnx.json").is_file():
+    greedy = "--runtime onnx decodes greedily: give --beam 1"
+    if Path(model, "onnx.json").is_file():  # an export folder: there is no PyTorch model to fall back to
+        if beam not in (None, 1):
+            raise OnnxExportError(greedy)
         return Path(model)
     folder = resolve_model_dir(model)
     export = folder / EXPORT_SUBFOLDER
     if not (export / "onnx.json").is_file():
         reason = (f"{model} has no ONNX export: run `xmodal export onnx {model} OUT` and give --model OUT, "
                   f"or export to {export}")
-    elif (beam if beam is not None else json.loads((folder / "config.json").read_text())["config"].get("beam_size", 3)) != 1:
-        reason = "--runtime onnx decodes greedily: give --beam 1"
-    elif json.loads((export / "onnx.json").read_text()).get("weights_sha256") != weights_digest(folder):
+    elif (beam if beam is not None else read_model_meta(folder)["config"].get("beam_size", 3)) != 1:
+        reason = greedy
+    elif _read_meta(export).get("weights_sha256") != weights_digest(folder):
         reason = f"{export} was exported from other weights than {folder}'s: export again"
     else:
         return export
@@ -73,14 +78,10 @@ class OnnxCaptioner:
             self._start, self._step = (onnxruntime.InferenceSession(str(folder / f), options,
                                                                     providers=["CPUExecutionProvider"])
                                        for f in ("start.onnx", "step.onnx"))
+            self.words = json.loads((folder / "vocab.json").read_text())
         except Exception as e:  # onnxruntime raises its own classes for missing and corrupt files
             raise OnnxExportError(f"{folder}: not a loadable ONNX export ({type(e).__name__}: {str(e)[:200]})") from None
-        self.words = json.loads((folder / "vocab.json").read_text()) if (folder / "vocab.json").is_file() else []
-        self._preprocess = None
-
-    @property
-    def preset(self) -> str:
-        return self.meta["preset"]
+        self._preprocess = Preprocess(meta["preset"])
 
     def start(self, images: np.ndarray) -> list[np.ndarray]:
         return self._run(self._start, {"images": images.astype(np.float32, copy=False)})
@@ -125,15 +126,22 @@ class OnnxCaptioner:
 
     def preprocess(self, image) -> np.ndarray:
         """A PIL image as the model's evaluation preset makes it: (3, H, W) float32."""
-        from xmodal.data.images import Preprocess
-
-        if self._preprocess is None:
-            self._preprocess = Preprocess(self.preset)
         return self._preprocess.array(image)
 
     def caption_arrays(self, arrays: Sequence[np.ndarray], **limits) -> list[str]:
         """Captions for preprocessed images, one batch."""
         return [" ".join(self.words[i] for i in ids) for ids in self.decode(np.stack(arrays), **limits)]
+
+    def describe_files(self, paths: Sequence[Path], batch_size: int = 64, on_skip=None,
+                       **limits) -> Iterator[tuple[Path, str]]:
+        """(path, caption) for each readable image file, as `ImageToTextPipeline.describe_files`
+        gives them: an unreadable file goes to `on_skip` and is skipped alone."""
+        for good, arrays, errors in read_batches(list(paths), batch_size, self.preprocess):
+            for path, error in errors:
+                if on_skip is not None:
+                    on_skip(path, error)
+            if arrays:
+                yield from zip(good, self.caption_arrays(arrays, **limits))
 
     def __call__(self, images: Sequence, batch_size: int = 64, **limits) -> list[str]:
         """Captions for PIL images."""

@@ -284,6 +284,10 @@ class LatentDiffusion(TextToImageModel):
     def generate(self, texts, seeds, steps: int | None = None, guidance: float | None = None,
                  sampler: str | None = None, negative: str | None = None, strict: bool = False):
         latents, _ = self.denoise(texts, seeds, steps, guidance, sampler, negative, strict)
+        return self.picture(latents)
+
+    def picture(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampled latents (unscaled) -> pictures (B, 3, 64, 64) in [-1, 1], through the first stage."""
         return in_cpu_chunks(self.autoencoder.decode, latents * self.config.latent_scale).clamp(-1, 1)
 
     @torch.no_grad()

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from xmodal.models.base import in_cpu_chunks
 from xmodal.models.diffusion import DiffusionConfig, LatentDiffusion, make_scheduler
 from xmodal.models.registry import register_model
 
@@ -128,4 +127,4 @@ class DistilledDiffusion(LatentDiffusion):
         for a, t in zip(self.times, self.times[1:]):
             a, t = torch.full((b,), a, device=device), torch.full((b,), t, device=device)
             x = self._jump(x, self.unet(x, a, tokens, mask, pooled, layout_map).float(), a, t)
-        return in_cpu_chunks(self.autoencoder.decode, x * self.config.latent_scale).clamp(-1, 1)
+        return self.picture(x)

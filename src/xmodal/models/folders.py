@@ -3,7 +3,9 @@ ONNX runtime's start-up path reads them too)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
 
@@ -37,3 +39,14 @@ def resolve_model_dir(name_or_dir: str | Path) -> Path:
         return path
     raise ModelLoadError(f"no model folder or bundled model named {str(name_or_dir)!r}; "
                          f"bundled: {', '.join(bundled_models()) or '(none)'}")
+
+
+def read_model_meta(folder: str | Path) -> dict[str, Any]:
+    folder = resolve_model_dir(folder)
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{folder}/config.json: invalid JSON ({e})") from None
+    if not isinstance(meta, dict) or "model" not in meta or "config" not in meta:
+        raise ModelLoadError(f"{folder}/config.json: needs 'model' and 'config'")
+    return meta

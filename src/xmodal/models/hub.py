@@ -10,14 +10,20 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from xmodal._version import __version__
 from xmodal.models.base import Capable
-from xmodal.models.folders import BUNDLED_DIR, ModelLoadError, bundled_models, resolve_model_dir  # noqa: F401 (re-exported)
+from xmodal.models.folders import (  # noqa: F401 (re-exported)
+    BUNDLED_DIR,
+    ModelLoadError,
+    bundled_models,
+    read_model_meta,
+    resolve_model_dir,
+)
 from xmodal.models.registry import get_model_class, make_config
 
 FORMAT_VERSION = 1
@@ -133,17 +139,6 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def default_card(meta: dict) -> str:
     config = json.dumps(meta["config"], indent=2)
     return f"# {meta['model']}\n\nTask: {meta['task']}. Saved by xmodal {meta['xmodal_version']}.\n\n```json\n{config}\n```\n"
-
-
-def read_model_meta(folder: str | Path) -> dict[str, Any]:
-    folder = resolve_model_dir(folder)
-    try:
-        meta = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{folder}/config.json: invalid JSON ({e})") from None
-    if not isinstance(meta, dict) or "model" not in meta or "config" not in meta:
-        raise ModelLoadError(f"{folder}/config.json: needs 'model' and 'config'")
-    return meta
 
 
 def load_model(name_or_dir: str | Path, device: str | torch.device = "cpu") -> PretrainedModel:
