@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmodal.models.dfgan import DFGAN, DFGANConfig
+from xmodal.models.dfgan import DFGAN, DFGANConfig, Discriminator
 from xmodal.tasks.text_encoders import prepare_text_encoder
 
 PROMPTS = ("light on the left", "light on the right")
@@ -92,8 +92,43 @@ def test_mode_seeking_term_trains_the_generator_only():
     assert "mode_seeking" in model.loss({"images": targets(texts), "texts": texts})[1]
 
 
+def test_patch_head_scores_every_patch_and_is_its_own_term():
+    model = tiny_gan(patch_grid=8, d_channels=(32, 32, 16, 8), d_residual_init=1.0).train()  # 8 x 8 after 2 blocks
+    assert all(float(block.gamma.detach()) == 1.0 for block in model.discriminator.blocks)  # D non-linear from step 0
+    texts = [PROMPTS[i % 2] for i in range(4)]
+    _, _, sentence = model.encode_text(texts)
+    scores = model.discriminator(targets(texts), sentence)
+    assert scores.shape == (4, 1 + 8 * 8)
+    assert model.discriminator.stem.out_channels == 8 and model.discriminator.blocks[0].shortcut.out_channels == 16
+    fake = model.generator(torch.randn(4, 8), sentence.detach())
+    _, logs = model.discriminator_loss(targets(texts), fake, sentence)
+    assert {"d_acc_patch_real", "d_acc_patch_fake"} <= set(logs)
+    g_loss = model.generator_loss(fake, sentence)  # G is judged by both heads
+    patch_grad = torch.autograd.grad(g_loss, fake, retain_graph=True)[0]
+    whole_only = -model.discriminator(fake, sentence)[:, 0].mean()
+    assert not torch.allclose(patch_grad, torch.autograd.grad(whole_only, fake)[0])
+
+
+def test_layout_map_by_projection_is_read_only_through_its_embedding():
+    config = DFGANConfig(image_size=32, channels=(32, 16, 16, 8), sentence_dim=16, map_projection=True, patch_grid=8)
+    d = Discriminator(16, 5, config, patch_stage=2)
+    assert d.stem.in_channels == 3  # the image features alone: how real a picture looks
+    images, sentence = torch.randn(2, 3, 32, 32), torch.randn(2, 16)
+    layout = torch.zeros(2, 5, 32, 32)
+    layout[:, :, 4:12, 4:12] = 1.0
+    plain, boxed = d(images, sentence, torch.zeros_like(layout)), d(images, sentence, layout)
+    assert plain.shape == boxed.shape == (2, 1 + 8 * 8)
+    changed = (plain - boxed).abs()[:, 1:].view(2, 8, 8) > 1e-6
+    assert changed[:, 1:3, 1:3].all() and not changed[:, 5:, 5:].any()  # only the patches the box covers
+    with torch.no_grad():
+        d.map_patch.weight.zero_()
+        d.map_whole.weight.zero_()
+    assert torch.allclose(d(images, sentence, layout), plain)  # no other path from the map
+
+
 @pytest.mark.parametrize("bad", [{"temperature": 0.0}, {"temperature": -1.0}, {"mode_seeking": -0.1},
-                                 {"sentence_dim": -4}])
+                                 {"sentence_dim": -4}, {"patch_grid": 32}, {"patch_grid": 4}, {"patch_grid": 5},
+                                 {"d_channels": (8, 8)}])
 def test_bad_gan_settings_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         tiny_gan(**bad)

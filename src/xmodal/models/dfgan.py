@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from xmodal.models.base import in_cpu_chunks
 from xmodal.models.generation import TextToImageModel, stage_sizes
 from xmodal.models.image_encoders import channels_last, upsample2x
 from xmodal.models.layout import LayoutConfig
@@ -55,6 +56,10 @@ class DFGANConfig:
     projection: bool = False  # add the projection term <W s, sum-pooled features> to D's score (Miyato & Koyama 2018)
     temperature: float = 1.0  # generation: z drawn at this std (the truncation trick; < 1: typical over varied)
     mode_seeking: float = 0.0  # > 0: weight of the mode-seeking term (Mao et al. 2019) against one look per prompt
+    d_channels: tuple[int, ...] = ()  # the discriminator's widths at 4, ..., image_size px; () mirrors `channels`
+    d_residual_init: float = 0.0  # the start of each D block's learned residual weight (DF-GAN: 0, D linear at first)
+    map_projection: bool = False  # D reads the layout map by projection only, not beside the image (see Discriminator)
+    patch_grid: int = 0  # > 0: D also scores a grid x grid map of patches (PatchGAN, Isola et al. 2017), its own hinge term
 
 
 class Affine(nn.Module):
@@ -116,44 +121,77 @@ class Generator(nn.Module):
 
 
 class DBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, residual_init: float = 0.0):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(cout, cout, 3, 1, 1),
                                   nn.LeakyReLU(0.2))
         self.shortcut = nn.Conv2d(cin, cout, 1)
-        self.gamma = nn.Parameter(torch.zeros(1))  # learned residual weight, as in DF-GAN
+        self.gamma = nn.Parameter(torch.full((1,), residual_init))  # learned residual weight, as in DF-GAN
 
     def forward(self, x):
         return F.avg_pool2d(self.shortcut(x), 2) + self.gamma * self.body(x)
 
 
 class Discriminator(nn.Module):
-    def __init__(self, cond_dim: int, chans: list[int], map_channels: int = 0, sentence_dim: int = 0,
-                 spectral_norm: bool = False, projection: bool = False):
+    """Judges (image, sentence[, layout map]) -> scores (B, 1 + P): the whole picture's, then one
+    per patch with a patch head. The layout map is read either beside the image from the first
+    layer (concatenated) or, with `config.map_projection`, only by projection: the image features
+    alone say how real a picture looks, and their inner product with the map's embedding at each
+    place says whether it fits the layout there (the projection discriminator, Miyato & Koyama
+    2018, made spatial as OASIS / layout GANs judge each region)."""
+
+    def __init__(self, cond_dim: int, map_channels: int, config: DFGANConfig, patch_stage: int = 0):
         super().__init__()
-        chans = chans[::-1]  # 64, 32, 16, 8, 4 px
-        self.sentence = sentence_map(cond_dim, sentence_dim)
-        cond_dim = sentence_dim or cond_dim
-        self.stem = nn.Conv2d(3 + map_channels, chans[0], 3, 1, 1)
-        self.blocks = nn.Sequential(*(DBlock(a, b) for a, b in zip(chans[:-1], chans[1:])))
+        chans = list(config.d_channels or config.channels)[::-1]  # 64, 32, 16, 8, 4 px
+        self.sentence = sentence_map(cond_dim, config.sentence_dim)
+        cond_dim = config.sentence_dim or cond_dim
+        self.map_projection = bool(map_channels and config.map_projection)
+        self.stem = nn.Conv2d(3 + (0 if self.map_projection else map_channels), chans[0], 3, 1, 1)
+        self.blocks = nn.Sequential(*(DBlock(a, b, config.d_residual_init) for a, b in zip(chans[:-1], chans[1:])))
+        # patch_stage > 0: after that many blocks, a 1x1 conv scores each location (its receptive field a patch)
+        self.patch_stage = patch_stage
+        self.patch = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(chans[patch_stage], 1, 1)) if patch_stage else None
         self.joint = nn.Sequential(nn.Conv2d(chans[-1] + cond_dim, chans[-1], 3, 1, 1), nn.LeakyReLU(0.2),
                                    nn.Conv2d(chans[-1], 1, 4, 1, 0))
-        self.embed = nn.Linear(cond_dim, chans[-1], bias=False) if projection else None
-        if spectral_norm:
+        self.embed = nn.Linear(cond_dim, chans[-1], bias=False) if config.projection else None
+        if self.map_projection:  # the map's embedding where the patch head and the whole-picture head read
+            self.map_patch = nn.Conv2d(map_channels, chans[patch_stage], 1, bias=False) if patch_stage else None
+            self.map_whole = nn.Conv2d(map_channels, chans[-1], 1, bias=False)
+        if config.spectral_norm:
             for module in self.modules():
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     nn.utils.parametrizations.spectral_norm(module)
 
+    def project(self, embed: nn.Module, layout_map, h) -> torch.Tensor:
+        """<embed(map at h's size), h> at each place -> (B, 1, H, W)."""
+        small = F.adaptive_avg_pool2d(layout_map, h.shape[-2:])
+        return (embed(small) * F.leaky_relu(h, 0.2)).sum(1, keepdim=True)
+
     def forward(self, images, sentence, layout_map=None):  # images (B, 3, 64, 64), sentence (B, E)
-        if layout_map is not None:  # (B, M, 64, 64)
+        projected = self.map_projection and layout_map is not None
+        if layout_map is not None and not self.map_projection:  # (B, M, 64, 64)
             images = torch.cat([images, layout_map], 1)
-        h = self.blocks(self.stem(channels_last(images)))  # (B, C0, 4, 4)
+        h = self.stem(channels_last(images))
+        patches = []
+        for i, block in enumerate(self.blocks):
+            if i == self.patch_stage and self.patch is not None:
+                patch = self.patch(h) + (self.project(self.map_patch, layout_map, h) if projected else 0)
+                patches = [patch.flatten(1)]  # (B, P)
+            h = block(h)  # ends (B, C0, 4, 4)
         sentence = self.sentence(sentence)
         s = sentence[..., None, None].expand(-1, -1, h.size(2), h.size(3))
         score = self.joint(torch.cat([h, s], dim=1)).view(-1)  # (B,)
         if self.embed is not None:  # does the picture's feature vector point where the sentence does?
             score = score + (self.embed(sentence) * F.leaky_relu(h, 0.2).sum((2, 3))).sum(-1)
-        return score
+        if projected:  # does each place hold what the layout puts there?
+            score = score + self.project(self.map_whole, layout_map, h).sum((1, 2, 3))
+        return torch.cat([score[:, None], *patches], 1)
+
+
+def per_head_mean(scores: torch.Tensor) -> torch.Tensor:
+    """scores (B, 1 + P) -> the whole-picture term's mean plus the patch terms' mean (each its own weight 1)."""
+    whole = scores[:, 0].mean()
+    return whole + scores[:, 1:].mean() if scores.size(1) > 1 else whole
 
 
 @register_model("dfgan")
@@ -171,8 +209,12 @@ class DFGAN(TextToImageModel):
         e = self.text_encoder.out_dim
         m = self.layout.config.channels if self.layout is not None else 0
         self.generator = Generator(config.z_dim, e, list(config.channels), m, config.image_channels, config.sentence_dim)
-        self.discriminator = Discriminator(e, list(config.channels), m, config.sentence_dim, config.spectral_norm,
-                                           config.projection)
+        if config.d_channels and len(config.d_channels) != len(config.channels):
+            raise ValueError(f"d_channels must give {len(config.channels)} widths like channels, got {config.d_channels}")
+        grids = {size: len(sizes) - 1 - i for i, size in enumerate(sizes)}  # D's map side -> blocks before it
+        if config.patch_grid and not 0 < grids.get(config.patch_grid, 0) < len(sizes) - 1:
+            raise ValueError(f"patch_grid must be 0 or one of {sizes[1:-1]} (D's feature map sides), got {config.patch_grid}")
+        self.discriminator = Discriminator(e, m, config, grids.get(config.patch_grid, 0))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps done, for the lazy penalty
 
     def param_groups(self) -> list[dict]:
@@ -213,27 +255,32 @@ class DFGAN(TextToImageModel):
         d_real = self.discriminator(images, sentence, full)
         d_fake = self.discriminator(fake.detach(), sentence, full)
         d_mismatch = self.discriminator(images[:-1], sentence[1:], full[1:] if full is not None else None) if b > 1 else d_fake
-        d_loss = F.relu(1 - d_real).mean() + 0.5 * (F.relu(1 + d_fake).mean() + F.relu(1 + d_mismatch).mean())
+        d_loss = per_head_mean(F.relu(1 - d_real)) + 0.5 * (per_head_mean(F.relu(1 + d_fake))
+                                                            + per_head_mean(F.relu(1 + d_mismatch)))
         gp = images.new_zeros(())
         every = max(self.config.gp_every, 1)
         if self.config.gp_weight > 0 and (not self.training or int(self.step) % every == 0):
             x = images.detach().requires_grad_(True)
             s = sentence.detach().requires_grad_(True)
-            grad_x, grad_s = torch.autograd.grad(self.discriminator(x, s, full).sum(), (x, s), create_graph=True)
+            scores = self.discriminator(x, s, full)  # each row's own gradient, the patch head at its loss weight
+            grad_x, grad_s = torch.autograd.grad(per_head_mean(scores) * len(scores), (x, s), create_graph=True)
             norm = torch.sqrt(grad_x.flatten(1).pow(2).sum(1) + grad_s.pow(2).sum(1) + 1e-12)
             gp = every * self.config.gp_weight * norm.pow(self.config.gp_power).mean()
         logs = {"d_loss": d_loss.detach(), "gp": gp.detach(),
                 # the share D judges right: real with its own text above 0, fakes and mismatched text below
-                "d_acc_real": (d_real > 0).float().mean(), "d_acc_fake": (d_fake < 0).float().mean(),
-                "d_acc_mismatch": (d_mismatch < 0).float().mean()}
+                "d_acc_real": (d_real[:, 0] > 0).float().mean(), "d_acc_fake": (d_fake[:, 0] < 0).float().mean(),
+                "d_acc_mismatch": (d_mismatch[:, 0] < 0).float().mean()}
+        if d_real.size(1) > 1:  # the patch head's share right
+            logs["d_acc_patch_real"] = (d_real[:, 1:] > 0).float().mean()
+            logs["d_acc_patch_fake"] = (d_fake[:, 1:] < 0).float().mean()
         return d_loss + gp, logs
 
     def generator_loss(self, fake, sentence, full=None) -> torch.Tensor:
         """The generator's hinge term against the discriminator's current parameters, detached:
         this term trains only the generator (and never the text encoder or the layout stage)."""
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
-        return -functional_call(self.discriminator, frozen, (fake, sentence.detach(),
-                                                            full.detach() if full is not None else None)).mean()
+        return -per_head_mean(functional_call(self.discriminator, frozen, (fake, sentence.detach(),
+                                                                          full.detach() if full is not None else None)))
 
     def mode_seeking_loss(self, z, fake, sentence, maps=None) -> torch.Tensor:
         """MSGAN (Mao et al. 2019): a second draw for the same texts; the generator is penalised
@@ -250,6 +297,11 @@ class DFGAN(TextToImageModel):
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):
         tokens, mask, sentence = self.encode_text(texts, strict=strict)
-        maps, _ = self.layout_maps(tokens, mask, self.map_sizes, seeds=seeds)
+        layout = self.sample_layout(tokens, mask, seeds) if self.layout is not None else None
         z = self.noise(seeds, (self.config.z_dim,), sentence.device) * self.config.temperature
-        return self.generator(z, sentence, maps)
+
+        def draw(rows):  # a few rows at a time on a CPU: the 32-64 px maps and activations then stay in cache
+            maps = self.paint_layout(layout, self.map_sizes, rows) if layout is not None else None
+            return self.generator(z[rows], sentence[rows], maps)
+
+        return in_cpu_chunks(draw, torch.arange(len(z), device=z.device))

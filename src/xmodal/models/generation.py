@@ -75,9 +75,18 @@ class TextToImageModel(WithTextEncoder):
             labels = labels[0] if labels else None
             nll = self.layout.loss(slots, boxes, present, labels)
         else:
-            boxes, present = self.layout.sample(slots, layout_generators(seeds))
-            nll, labels = None, None  # paint() predicts the labels
+            return self.paint_layout(self.sample_layout(tokens, mask, seeds, slots), sizes), None
         return [self.layout.paint(slots, boxes, present, s, labels) for s in sizes], nll
+
+    def sample_layout(self, tokens, mask, seeds: Sequence[int], slots=None) -> tuple[torch.Tensor, ...]:
+        """Generation: one layout drawn per seed -> (slots, boxes, present), for `paint_layout`."""
+        slots = self.layout.read(tokens, mask) if slots is None else slots
+        return (slots, *self.layout.sample(slots, layout_generators(seeds)))
+
+    def paint_layout(self, layout: tuple[torch.Tensor, ...], sizes: Sequence[int], rows=slice(None)) -> list[torch.Tensor]:
+        """A sampled layout's maps at each size in `sizes`, for `rows` only (labels predicted from the slots)."""
+        slots, boxes, present = (t[rows] for t in layout)
+        return [self.layout.paint(slots, boxes, present, s) for s in sizes]
 
     @staticmethod
     def noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch.Tensor:
