@@ -39,7 +39,7 @@ GRID_PROMPTS = ("a large red circle", "a small blue square above a large green t
 def card_minutes(name: str) -> float | None:
     """The first "N minutes" on the model's card: its recipe's training time as measured when trained."""
     card = resolve_model_dir(name) / "README.md"
-    found = re.search(r"([0-9]+(?:\.[0-9]+)?) minutes", card.read_text() if card.is_file() else "")
+    found = re.search(r"([0-9]+(?:\.[0-9]+)?)\s+minutes", card.read_text() if card.is_file() else "")
     return float(found.group(1)) if found else None
 
 

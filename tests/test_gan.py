@@ -132,3 +132,20 @@ def test_layout_map_by_projection_is_read_only_through_its_embedding():
 def test_bad_gan_settings_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         tiny_gan(**bad)
+
+
+def test_bundled_shapes_gan_draws_what_its_prompts_ask_in_one_pass():
+    import numpy as np
+
+    import xmodal
+    from xmodal.data.shapes import ShapesDataset
+    from xmodal.metrics.scenes import judge_reader, scene_accuracy
+    from xmodal.tasks.records import scene_specs
+
+    pipe = xmodal.load("shapes-gan")
+    records = ShapesDataset("test", 40, seed=55).records
+    images = pipe([r["captions"][0] for r in records], seed=0)
+    accuracy = scene_accuracy(scene_specs(records), judge_reader([np.asarray(im) for im in images]))
+    assert accuracy["scene_accuracy"] >= 0.75  # a trained generator, read by the independent pixel judge
+    seeds = [np.asarray(im, np.float32) for im in pipe(["a large red circle"], n=4, seed=0)]
+    assert min(np.abs(a - b).mean() for i, a in enumerate(seeds) for b in seeds[i + 1:]) > 1.0  # no one picture per prompt
