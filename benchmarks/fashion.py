@@ -112,18 +112,21 @@ def diversity(pipe, args, seeds: int = 16) -> dict:
     return {"mean_ratio_to_real": round(float(np.mean(list(ratios.values()))), 3), "per_class": ratios}
 
 
-def compare(args) -> dict:
-    """The generators side by side: one `generator` row each, with the training time on its card."""
+def card_minutes(name: str) -> float | None:
+    """The first "N minutes" on the model's card: its recipe's training time as measured when trained."""
     import re
 
+    card = resolve_model_dir(name) / "README.md"
+    found = re.search(r"([0-9.]+) minutes", card.read_text() if card.is_file() else "")
+    return float(found.group(1)) if found else None
+
+
+def compare(args) -> dict:
+    """The generators side by side: one `generator` row each, with the training time on its card."""
     rows = []
     for name in args.models.split(","):
         args.model = name
-        row = generator(args)
-        card = resolve_model_dir(name) / "README.md"
-        minutes = re.search(r"([0-9.]+) minutes", card.read_text() if card.is_file() else "")
-        row["training_minutes"] = float(minutes.group(1)) if minutes else None
-        rows.append(row)
+        rows.append({**generator(args), "training_minutes": card_minutes(name)})
     return {"generators": rows}
 
 

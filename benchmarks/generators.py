@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -28,19 +27,12 @@ import torch
 import xmodal
 from xmodal.metrics.scenes import judge_reader
 from xmodal.models.base import GenerateOptions
-from xmodal.models.hub import resolve_model_dir
+from xmodal.models.folders import read_model_meta
 from xmodal.tasks import text_to_image
 
 CAPTIONER = "shapes-captioner-transformer"
 GRID_PROMPTS = ("a large red circle", "a small blue square above a large green triangle",
                 "a large purple cross to the left of a small yellow diamond", "a small orange triangle")
-
-
-def card_minutes(name: str) -> float | None:
-    """The first "N minutes" on the model's card: its recipe's training time as measured when trained."""
-    card = resolve_model_dir(name) / "README.md"
-    found = re.search(r"([0-9]+(?:\.[0-9]+)?)\s+minutes", card.read_text() if card.is_file() else "")
-    return float(found.group(1)) if found else None
 
 
 def shapes_row(name: str, readers: dict, count: int, grid: str | None = None) -> dict:
@@ -53,7 +45,7 @@ def shapes_row(name: str, readers: dict, count: int, grid: str | None = None) ->
             row[f"{split}_{style}_cycle"] = measured[style]["cycle"]["scene_accuracy"]
             row[f"{split}_{style}_judge"] = measured[style]["judge"]["scene_accuracy"]
     row["images_per_s"] = generator.speed(pipe, options, 64)
-    row["training_minutes"] = card_minutes(name)
+    row["training_minutes"] = fashion.card_minutes(name)
     if grid:  # diversity at a fixed prompt: 16 seeds per row
         from xmodal.sheets import seed_grid
 
@@ -65,11 +57,11 @@ def shapes_row(name: str, readers: dict, count: int, grid: str | None = None) ->
 def fashion_row(name: str, args) -> dict:
     measured = fashion.generator(argparse.Namespace(model=name, data=args.data, count=args.fashion_count, seed=0,
                                                     grid=None))
-    return {"data": "fashion-mnist", "model": name, "registry": xmodal.load(name).model.registry_name,
+    return {"data": "fashion-mnist", "model": name, "registry": read_model_meta(name)["model"],
             "canonical_read_back": measured["canonical"]["cycle_class_accuracy"],
             "open_vocabulary_read_back": measured["novel"]["cycle_class_accuracy"], "fid": measured["canonical"]["generated_fid"],
             "diversity": measured["diversity"]["mean_ratio_to_real"], "images_per_s": measured["images_per_s_batched"],
-            "training_minutes": card_minutes(name)}
+            "training_minutes": fashion.card_minutes(name)}
 
 
 def markdown(rows: list[dict]) -> str:
