@@ -11,10 +11,10 @@ import xmodal
 from xmodal.cli import main
 from xmodal.data.collate import GenerationCollate
 from xmodal.data.shapes import ShapesDataset
+from xmodal.data.text import UnknownWordsError
 from xmodal.metrics.scenes import scene_accuracy
 from xmodal.models.hub import load_model
 from xmodal.models.registry import create_model, list_registered
-from xmodal.models.text_encoders import UnknownWordsError
 from xmodal.tasks.text_encoders import load_keyed_vectors, prepare_text_encoder
 from xmodal.worlds.shapes import parse
 

@@ -204,7 +204,7 @@ def _read_prompts_file(path: Path) -> tuple[list[str], int]:
 
 def _checked_prompts(pipe, prompts: list[str], strict: bool) -> list[int]:
     """Indices of the prompts that can be drawn; the others are reported and skipped alone."""
-    from xmodal.models.text_encoders import UnknownWordsError
+    from xmodal.data.text import UnknownWordsError
 
     good = []
     for start in range(0, len(prompts), CHECK_CHUNK):

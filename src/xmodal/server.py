@@ -342,8 +342,8 @@ def _info_routes(app: FastAPI, service: _Service, guard: list) -> None:
 
 
 def _generate_route(app: FastAPI, service: _Service, guard: list) -> None:
+    from xmodal.data.text import UnknownWordsError
     from xmodal.models.base import GenerateOptions
-    from xmodal.models.text_encoders import UnknownWordsError
 
     @app.post("/v1/generate", dependencies=guard)
     async def generate(req: GenerateRequest):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -77,3 +78,48 @@ class Vocabulary:
         if not isinstance(data, dict) or "words" not in data:
             raise ValueError(f"{path}: not a vocabulary file (expected {{'words': [...]}})")
         return cls(data["words"])
+
+
+class UnknownWordsError(ValueError):
+    """A prompt with words the text encoder cannot represent, asked to be strict about it."""
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """Prompts as a list of non-empty strings (one string is one prompt), else a clear error."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no prompts given")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"prompt {i} is a {type(t).__name__}, not a str")
+        if not t.strip():
+            raise ValueError(f"prompt {i} is empty")
+    return texts
+
+
+def report_unknown(unknown: dict[str, int], strict: bool) -> None:
+    """Name every unknown word with its count: an error when strict, else a warning."""
+    if not unknown:
+        return
+    listing = ", ".join(f"{w!r} x{n}" for w, n in sorted(unknown.items(), key=lambda kv: -kv[1]))
+    message = f"{sum(unknown.values())} unknown word(s) the text encoder cannot represent: {listing}"
+    if strict:
+        raise UnknownWordsError(message)
+    warnings.warn(message, stacklevel=4)
+
+
+def word_ids(texts: Sequence[str], vocab: Vocabulary, strict: bool = False) -> list[list[int]]:
+    """Each prompt's word ids in `vocab` (`<unk>` for a word it lacks, and for a prompt with no
+    words); unknown words are named by `report_unknown`."""
+    unknown: dict[str, int] = {}
+    rows = []
+    for t in check_texts(texts):
+        words = tokenize(t)
+        for w in words:
+            if w not in vocab:
+                unknown[w] = unknown.get(w, 0) + 1
+        rows.append([vocab.index.get(w, Vocabulary.unk_id) for w in words] or [Vocabulary.unk_id])
+    report_unknown(unknown, strict)
+    return rows

@@ -12,7 +12,7 @@
 - Image encoders: `forward_features(images) -> (B, N, D)` grid features.
 
 Optional abilities are declared, not probed: a model class lists them in `capabilities`
-(`SAMPLER_OPTIONS`, `LAYOUT`), and callers ask `supports(model, ...)` / `require(...)`.
+(`SAMPLER_OPTIONS`, `LAYOUT`, `DRAW`), and callers ask `supports(model, ...)` / `require(...)`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ import torch
 # check_options(**options) (its own ranges) and work(**options) (network evaluations per image)
 SAMPLER_OPTIONS = "sampler_options"
 LAYOUT = "layout"  # the model may carry a layout stage (text -> boxes -> image)
-CAPABILITIES = (SAMPLER_OPTIONS, LAYOUT)
+# generate() is text -> (layout drawn per seed) -> noise per seed -> draw(noise, tokens, mask,
+# pooled, layout): one pass of fixed work that `xmodal export onnx` traces into one graph; the
+# model offers `noise_shape` and `draw` (xmodal.models.generation)
+DRAW = "draw"
+CAPABILITIES = (SAMPLER_OPTIONS, LAYOUT, DRAW)
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 MAX_NEGATIVE_CHARS = 500

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from xmodal.models.base import in_cpu_chunks
+from xmodal.models.base import DRAW, LAYOUT, in_cpu_chunks
 from xmodal.models.generation import TextToImageModel, stage_sizes
 from xmodal.models.image_encoders import channels_last, upsample2x
 from xmodal.models.layout import LayoutConfig
@@ -197,6 +197,7 @@ def per_head_mean(scores: torch.Tensor) -> torch.Tensor:
 @register_model("dfgan")
 class DFGAN(TextToImageModel):
     config_class = DFGANConfig
+    capabilities = frozenset({LAYOUT, DRAW})
 
     def __init__(self, config: DFGANConfig, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)
@@ -294,14 +295,20 @@ class DFGAN(TextToImageModel):
     def on_train_step(self, step: int) -> None:
         self.step.fill_(step)
 
+    @property
+    def noise_shape(self) -> tuple[int]:
+        return (self.config.z_dim,)
+
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):
-        tokens, mask, sentence = self.encode_text(texts, strict=strict)
-        layout = self.sample_layout(tokens, mask, seeds) if self.layout is not None else None
-        z = self.noise(seeds, (self.config.z_dim,), sentence.device) * self.config.temperature
+        return self.generate_by_draw(texts, seeds, strict=strict)
 
-        def draw(rows):  # a few rows at a time on a CPU: the 32-64 px maps and activations then stay in cache
+    def draw(self, noise, tokens, mask, pooled, layout=None) -> torch.Tensor:
+        """Standard-normal z (B, z_dim), the sentence vector and a sampled layout (or None) -> pictures."""
+        z = noise * self.config.temperature
+
+        def rows_of(rows):  # a few rows at a time on a CPU: the 32-64 px maps and activations then stay in cache
             maps = self.paint_layout(layout, self.map_sizes, rows) if layout is not None else None
-            return self.generator(z[rows], sentence[rows], maps)
+            return self.generator(z[rows], pooled[rows], maps)
 
-        return in_cpu_chunks(draw, torch.arange(len(z), device=z.device))
+        return in_cpu_chunks(rows_of, torch.arange(len(z), device=z.device))

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from xmodal.models.base import DRAW, LAYOUT, SAMPLER_OPTIONS
 from xmodal.models.diffusion import DiffusionConfig, LatentDiffusion, make_scheduler
 from xmodal.models.registry import register_model
 
@@ -65,6 +66,7 @@ def alphas_cumprod(train_timesteps: int, beta_schedule: str) -> torch.Tensor:
 @register_model("distilled-diffusion")
 class DistilledDiffusion(LatentDiffusion):
     config_class = DistilledConfig
+    capabilities = frozenset({LAYOUT, SAMPLER_OPTIONS, DRAW})
 
     def __init__(self, config: DistilledConfig, text_encoder=None, autoencoder=None):
         super().__init__(config, text_encoder, autoencoder)
@@ -113,18 +115,23 @@ class DistilledDiffusion(LatentDiffusion):
     def work(self, **_) -> int:
         return len(self.times) - 1
 
+    @property
+    def noise_shape(self) -> tuple[int, int, int]:
+        return (self.autoencoder.config.latent_channels, 16, 16)
+
     @torch.no_grad()
     def generate(self, texts, seeds, steps: int | None = None, guidance: float | None = None,
                  sampler: str | None = None, negative: str | None = None, strict: bool = False):
         self.check_options(steps, guidance, sampler, negative)
-        b = len(texts)
-        device = self.null_pooled.device
-        tokens, mask, pooled = self.condition(texts, strict=strict)
-        layout_map = None
-        if self.layout is not None:
-            (layout_map,), _ = self.layout_maps(tokens, mask, (16,), seeds=seeds)
-        x = self.noise(seeds, (self.autoencoder.config.latent_channels, 16, 16), device)
+        return self.generate_by_draw(texts, seeds, strict=strict)
+
+    def draw(self, noise, tokens, mask, pooled, layout=None) -> torch.Tensor:
+        """Starting noise (B, C, 16, 16), the text and a sampled layout (or None) -> pictures: a
+        UNet pass and a DDIM jump per student timestep, then the autoencoder's decoder."""
+        layout_map = self.paint_layout(layout, (16,))[0] if layout is not None else None
+        x = noise
+        row = torch.zeros_like(x[:, 0, 0, 0], dtype=torch.long)  # (B,): its batch size stays a variable when traced
         for a, t in zip(self.times, self.times[1:]):
-            a, t = torch.full((b,), a, device=device), torch.full((b,), t, device=device)
+            a, t = row + a, row + t
             x = self._jump(x, self.unet(x, a, tokens, mask, pooled, layout_map).float(), a, t)
         return self.picture(x)

@@ -88,6 +88,14 @@ class TextToImageModel(WithTextEncoder):
         slots, boxes, present = (t[rows] for t in layout)
         return [self.layout.paint(slots, boxes, present, s) for s in sizes]
 
+    def generate_by_draw(self, texts: Sequence[str], seeds: Sequence[int], strict: bool = False) -> torch.Tensor:
+        """generate() of a model that declares DRAW: the text, a layout drawn per seed (with a
+        layout stage), noise of `self.noise_shape` per seed, then `self.draw(...)`."""
+        tokens, mask, pooled = self.encode_text(texts, strict=strict)
+        mask = mask.bool()
+        layout = self.sample_layout(tokens, mask, seeds) if self.layout is not None else None
+        return self.draw(self.noise(seeds, self.noise_shape, pooled.device), tokens, mask, pooled, layout)
+
     @staticmethod
     def noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch.Tensor:
         """One standard-normal tensor of `shape` per seed, stacked (B, *shape); independent of batching."""

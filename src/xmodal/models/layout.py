@@ -33,39 +33,14 @@ half-extent); the image generator sees the layout as a feature map, as GLIGEN
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CANVAS = 64.0  # box coordinates are in 64-pixel units, whatever the image size
+from xmodal.models.layout_draws import CANVAS, LayoutConfig, sample_boxes
 
-
-@dataclass
-class LayoutConfig:
-    slots: int = 2  # the most objects a prompt can name
-    dim: int = 128  # width of the slot decoder
-    heads: int = 4
-    layers: int = 2
-    max_len: int = 32  # word positions the slot decoder knows
-    grid: int = 32  # centre bins per axis
-    radius_bins: int = 26
-    radius_range: tuple[float, float] = (3.0, 16.0)  # half-extent range, 64-px units
-    feature_dim: int = 32  # channels each slot paints into its box
-    weight: float = 0.1  # of the layout's negative log-likelihood in the generator's loss
-    temperature: float = 1.0  # sampling: < 1 draws boxes from the likelier part of the learned distribution
-    labels: dict[str, list[str]] = field(default_factory=dict)  # object attribute -> its values (one-hot in the map)
-    min_gap: float | None = None  # sampling: least distance between two boxes' edges (64-px units); None: any
-
-    @property
-    def label_channels(self) -> int:
-        return sum(len(values) for values in self.labels.values())
-
-    @property
-    def channels(self) -> int:  # of the painted map: features, labels, u, v, mask
-        return self.feature_dim + self.label_channels + 3
-
+__all__ = ["CANVAS", "LayoutConfig", "LayoutModel", "layout_generators", "paint_boxes"]
 
 class LayoutModel(nn.Module):
     def __init__(self, text_dim: int, config: LayoutConfig):
@@ -108,11 +83,19 @@ class LayoutModel(nn.Module):
 
     def _context(self, slots: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor, k: int) -> torch.Tensor:
         """Slot k's feature plus the boxes already placed (slots < k) -> (B, D)."""
-        h = slots[:, k]
-        if k:
-            placed = self.box_embedding(boxes[:, :k] / CANVAS) * present[:, :k, None]  # (B, k, D)
-            h = h + placed.sum(1)
-        return h
+        return self.placed_context(slots[:, k], boxes[:, :k], present[:, :k]) if k else slots[:, k]
+
+    def placed_context(self, slot: torch.Tensor, placed: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """A slot's feature (B, D) plus the embeddings of the placed boxes (B, k, 3) that are present (B, k)."""
+        return slot + (self.box_embedding(placed / CANVAS) * present[..., None]).sum(1)
+
+    def radius_probs(self, context: torch.Tensor) -> torch.Tensor:
+        """A slot's context (B, D) -> probabilities of its half-extent bins (B, R), at the sampling temperature."""
+        return F.softmax(self.radius_head(context).float() / self.config.temperature, -1)
+
+    def centre_probs(self, context: torch.Tensor, r_bin: torch.Tensor) -> torch.Tensor:
+        """A slot's context (B, D) and drawn half-extent bins (B,) -> probabilities of its centre bins (B, G*G)."""
+        return F.softmax(self.centre_head(context + self.radius_embedding(r_bin)).float() / self.config.temperature, -1)
 
     def loss(self, slots: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor,
              labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,47 +118,24 @@ class LayoutModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, slots: torch.Tensor, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw one layout per row, row i from generators[i] only -> boxes (B, K, 3), present (B, K)."""
-        c = self.config
-        b, k_slots = slots.shape[:2]
-        lo, hi = c.radius_range
-        boxes = slots.new_zeros(b, k_slots, 3)
-        present = torch.zeros(b, k_slots, dtype=torch.bool, device=slots.device)
-        p_present = torch.sigmoid(self.presence(slots).squeeze(-1)).float().cpu()  # (B, K)
-        for k in range(k_slots):
-            h = self._context(slots, boxes, present, k)
-            r_probs = F.softmax(self.radius_head(h).float() / c.temperature, -1).cpu()  # (B, R)
-            r_bin = torch.stack([torch.multinomial(r_probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
-            xy_logits = self.centre_head(h + self.radius_embedding(r_bin.to(slots.device)))
-            xy_probs = F.softmax(xy_logits.float() / c.temperature, -1).cpu()  # (B, G*G)
-            if k and c.min_gap is not None:
-                xy_probs = self._keep_apart(xy_probs, boxes[:, :k].cpu(), present[:, :k].cpu(), r_bin)
-            for i, g in enumerate(generators):
-                xy = int(torch.multinomial(xy_probs[i], 1, generator=g))
-                u = torch.rand(4, generator=g)  # presence draw, jitter of r, x, y inside their bins
-                present[i, k] = bool(k == 0 or (u[0] < p_present[i, k] and present[i, k - 1]))
-                r = lo + (int(r_bin[i]) + float(u[1])) * (hi - lo) / c.radius_bins
-                x = (xy % c.grid + float(u[2])) * CANVAS / c.grid
-                y = (xy // c.grid + float(u[3])) * CANVAS / c.grid
-                boxes[i, k] = torch.tensor([x, y, r])
-        return boxes, present
+        """Draw one layout per row, row i from generators[i] only -> boxes (B, K, 3), present (B, K);
+        the loop is `xmodal.models.layout_draws.sample_boxes`, which the ONNX runtime runs too."""
+        device = slots.device
 
-    def _keep_apart(self, xy_probs: torch.Tensor, placed: torch.Tensor, placed_present: torch.Tensor,
-                    r_bin: torch.Tensor) -> torch.Tensor:
-        """Zero the centres closer to a placed box than r + r_placed + min_gap (+ a bin's diagonal
-        for the jitter inside a bin); a row with no centre left keeps its distribution."""
-        c = self.config
-        lo, hi = c.radius_range
-        cell = CANVAS / c.grid
-        centres = (torch.arange(c.grid) + 0.5) * cell
-        cy, cx = centres.view(-1, 1).expand(c.grid, c.grid).flatten(), centres.repeat(c.grid)  # (G*G,)
-        r = lo + (r_bin.float() + 1) * (hi - lo) / c.radius_bins  # (B,) upper edge of the bin
-        distance = ((cx[None, None] - placed[..., 0:1]) ** 2 + (cy[None, None] - placed[..., 1:2]) ** 2).sqrt()
-        near = distance < (placed[..., 2:3] + r[:, None, None] + c.min_gap + cell * 2**0.5)  # (B, k, G*G)
-        near = (near & placed_present[..., None]).any(1)
-        kept = xy_probs.masked_fill(near, 0.0)
-        ok = kept.sum(-1, keepdim=True) > 0
-        return torch.where(ok, kept, xy_probs)
+        def radius(k, boxes, present):
+            context = self._context(slots, torch.from_numpy(boxes).to(device), torch.from_numpy(present).to(device), k)
+            return context, self.radius_probs(context).cpu().numpy()
+
+        def centre(context, r_bin):
+            return self.centre_probs(context, torch.from_numpy(r_bin).to(device)).cpu().numpy()
+
+        def pick(i, probs):
+            return int(torch.multinomial(torch.from_numpy(probs), 1, generator=generators[i]))
+
+        p_present = torch.sigmoid(self.presence(slots).squeeze(-1)).float().cpu().numpy()  # (B, K)
+        boxes, present = sample_boxes(self.config, p_present, radius, centre, pick,
+                                      lambda i: torch.rand(4, generator=generators[i]).numpy())
+        return torch.from_numpy(boxes).to(device=device, dtype=slots.dtype), torch.from_numpy(present).to(device)
 
     def predict_labels(self, slots: torch.Tensor) -> torch.Tensor | None:
         """The most likely label of each slot's object, per key -> (B, K, len(labels)), or None."""

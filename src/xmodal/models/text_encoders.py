@@ -20,7 +20,6 @@ rebuilds the encoder when a model folder is loaded.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from xmodal.data.text import Vocabulary, tokenize
+from xmodal.data.text import Vocabulary, check_texts, report_unknown, tokenize, word_ids
 
 TEXT_ENCODERS = ("learned", "word2vec", "bert")
 DEFAULT_DIM = {"learned": 128, "word2vec": 64}
@@ -67,35 +66,6 @@ class TextEncoderConfig:
         return self.dim if self.dim is not None else DEFAULT_DIM[self.kind]
 
 
-class UnknownWordsError(ValueError):
-    pass
-
-
-def check_texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if not texts:
-        raise ValueError("no prompts given")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"prompt {i} is a {type(t).__name__}, not a str")
-        if not t.strip():
-            raise ValueError(f"prompt {i} is empty")
-    return texts
-
-
-def report_unknown(unknown: dict[str, int], strict: bool) -> None:
-    """Name every unknown word with its count: an error when strict, else a warning."""
-    if not unknown:
-        return
-    listing = ", ".join(f"{w!r} x{n}" for w, n in sorted(unknown.items(), key=lambda kv: -kv[1]))
-    message = f"{sum(unknown.values())} unknown word(s) the text encoder cannot represent: {listing}"
-    if strict:
-        raise UnknownWordsError(message)
-    warnings.warn(message, stacklevel=3)
-
-
 class WordTextEncoder(nn.Module):
     """Shared by `learned` and `word2vec`: a word vocabulary and an embedding table."""
 
@@ -110,16 +80,7 @@ class WordTextEncoder(nn.Module):
         self.vocab = Vocabulary(spec.words)
 
     def ids(self, texts: Sequence[str], strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = check_texts(texts)
-        unknown: dict[str, int] = {}
-        rows = []
-        for t in texts:
-            words = tokenize(t)
-            for w in words:
-                if w not in self.vocab:
-                    unknown[w] = unknown.get(w, 0) + 1
-            rows.append([self.vocab.index.get(w, Vocabulary.unk_id) for w in words] or [Vocabulary.unk_id])
-        report_unknown(unknown, strict)
+        rows = word_ids(texts, self.vocab, strict)
         t_max = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), t_max, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -152,6 +113,12 @@ class LearnedTextEncoder(WordTextEncoder):
         pooled = self.pool(torch.cat([h[0], h[1]], dim=-1))  # forward and backward final states (B, D)
         return tokens, mask, pooled
 
+    def embed_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word ids (B, T) of rows with no padding -> tokens (B, T, D), pooled (B, D): `encode`'s
+        numbers without packing, a graph that `xmodal export onnx` can trace."""
+        tokens, (h, _) = self.lstm(self.embedding(ids))
+        return tokens, self.pool(torch.cat([h[0], h[1]], dim=-1))
+
 
 class Word2VecTextEncoder(WordTextEncoder):
     def __init__(self, spec: TextEncoderConfig):
@@ -166,6 +133,11 @@ class Word2VecTextEncoder(WordTextEncoder):
         tokens = self.vectors[ids] * mask[..., None]  # (B, T, D)
         pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D) mean
         return tokens, mask, pooled
+
+    def embed_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word ids (B, T) of rows with no padding -> tokens (B, T, D), pooled (B, D), as `encode`."""
+        tokens = self.vectors[ids]
+        return tokens, tokens.mean(1)
 
 
 class BertTextEncoder(nn.Module):

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from xmodal.data.images import to_pil
+from xmodal.data.text import check_texts
 from xmodal.models.base import SAMPLER_OPTIONS, GenerateOptions, supports
-from xmodal.models.text_encoders import check_texts
 
 
 @dataclass
