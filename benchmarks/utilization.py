@@ -67,13 +67,14 @@ def top_ops(fn, n: int = 5) -> list[dict]:
              "calls": e.count} for e in events[:n]]
 
 
-def utilization(fn, items: int, per_s: float, model: torch.nn.Module, bf16: bool = False) -> dict:
+def utilization(fn, items: int, per_s: float, model: torch.nn.Module, bf16: bool = False, ops: bool = True) -> dict:
     """FLOPs per item of `fn` (one call: `items` items with `model`), achieved GFLOP/s at `per_s`
-    items per second, its fraction of the matmul and conv peaks in the dtype used, and the top ops."""
+    items per second, its fraction of the matmul and conv peaks in the dtype used, and the top ops
+    (with `ops`: leave them out where `per_s` was measured on another runtime than `fn`'s)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     flops = flops_per_item(fn, items, model)
     achieved = flops * per_s / 1e9
     peaks = {kind: round(peak(kind, dtype), 1) for kind in ("matmul", "conv")}
     return {"mflops_per_item": round(flops / 1e6, 2), "achieved_gflops": round(achieved, 1),
             "peak_gflops": peaks, "fraction_of_matmul_peak": round(achieved / peaks["matmul"], 3),
-            "fraction_of_conv_peak": round(achieved / peaks["conv"], 3), "top_ops": top_ops(fn)}
+            "fraction_of_conv_peak": round(achieved / peaks["conv"], 3), **({"top_ops": top_ops(fn)} if ops else {})}

@@ -1,12 +1,10 @@
 """`xmodal export onnx` and the torch-free runtime (`xmodal caption --runtime onnx`)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from fresh_process import xmodal_in_fresh_process
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
@@ -83,15 +81,9 @@ def test_onnx_captions_equal_pytorch_greedy(name, images, tmp_path, capsys):
 
 
 def _caption_in_fresh_process(image, *args):
-    """`xmodal caption` in a new interpreter: (return code, stdout, whether torch was imported)."""
-    code = ("import sys; from xmodal.cli import main; "
-            f"rc = main(['caption', {str(image)!r}, *{list(map(str, args))!r}]); "
-            "print('TORCH', 'torch' in sys.modules); sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    return lines[0], lines[-1] == "TORCH True"
+    """`xmodal caption` in a new interpreter: (its caption line, whether torch was imported)."""
+    lines, torch_used = xmodal_in_fresh_process(["caption", image, *args])
+    return lines[0], torch_used
 
 
 def test_an_export_beside_the_weights_is_used_without_torch_until_the_weights_change(images, tmp_path):
@@ -128,7 +120,7 @@ def test_bad_exports_and_folders_are_named(images, tmp_path, capsys):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     assert main(["export", "onnx", str(folder), str(tmp_path / "busy")]) == 2
     assert "other files in it" in capsys.readouterr().err and (tmp_path / "busy" / "notes.txt").is_file()
-    assert main(["export", "onnx", "shapes-diffusion", str(tmp_path / "gen")]) == 2
-    assert "exports captioners" in capsys.readouterr().err
+    assert main(["export", "onnx", "shapes-clip", str(tmp_path / "clip")]) == 2
+    assert "exports captioners and generators" in capsys.readouterr().err
     with pytest.raises(OnnxExportError):
         OnnxCaptioner(tmp_path / "nowhere")

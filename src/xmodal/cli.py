@@ -249,8 +249,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"-n must be in 1..{MAX_IMAGES_PER_PROMPT}, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    pipe = _load(args.model, "text-to-image")
-    options = pipe.options(_options(args))
+    pipe, options = _generator(args)
     good = _checked_prompts(pipe, prompts, args.strict)
     args.out.mkdir(parents=True, exist_ok=True)
     seed_of = lambda i, j: args.seed + i * args.n + j  # noqa: E731 - whatever else is skipped
@@ -277,6 +276,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if failed or unreadable:
         print(f"{failed} of {len(prompts)} prompts failed, {unreadable} unreadable lines skipped", file=sys.stderr)
     return 1 if not good else 0
+
+
+def _generator(args: argparse.Namespace):
+    """The generator and its checked sampler options: the ONNX runtime (no torch import) where
+    `--runtime` allows and the model has an export of its weights, else the PyTorch pipeline."""
+    given = any(v is not None for v in (args.steps, args.guidance, args.sampler, args.negative))
+    export = None
+    if args.runtime != "torch":
+        from xmodal.runtime import find_generator_export
+
+        export = find_generator_export(args.model, given, require=args.runtime == "onnx")
+    if export is not None:
+        from xmodal.runtime import OnnxGenerator
+
+        return OnnxGenerator(export), None
+    pipe = _load(args.model, "text-to-image")
+    return pipe, pipe.options(_options(args))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -499,7 +515,7 @@ def _add_use(sub) -> None:
     export = sub.add_parser("export", help="export a model to run without PyTorch")
     export.set_defaults(func=_cmd_export)
     export.add_argument("format", choices=("onnx",))
-    export.add_argument("model", help="bundled captioner name or model folder")
+    export.add_argument("model", help="bundled captioner or one-pass generator (name or model folder)")
     export.add_argument("out", type=Path, help="the folder to write (new, empty, or an earlier export)")
 
     gen = sub.add_parser("generate", help="generate images from text prompts")
@@ -514,6 +530,10 @@ def _add_use(sub) -> None:
     gen.add_argument("--json", action="store_true", help='one line per image: {"prompt", "file", "seed"}')
     gen.add_argument("--strict", action="store_true", help="unknown words are an error, not a warning")
     gen.add_argument("--skip-existing", action="store_true", help="keep images already in --out (continue a killed run)")
+    gen.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto",
+                     help="onnx: onnxruntime, no PyTorch (--model is an export, or a model with one in MODEL/onnx; "
+                          "its own seeds: not the pictures torch draws); auto: onnx where the model has an export "
+                          "of its weights and no sampler option is given")
     _add_sampler_options(gen)
 
     demo = sub.add_parser("demo", help="generate pictures from sample prompts and caption them back")

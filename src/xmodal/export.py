@@ -1,4 +1,4 @@
-"""`xmodal export onnx MODEL OUT`: a captioner as ONNX files that run without PyTorch.
+"""`xmodal export onnx MODEL OUT`: a captioner or a generator as ONNX files that run without PyTorch.
 
 Exported to `MODEL/onnx`, the export travels with the model, and `xmodal caption` uses it by
 itself (`--runtime auto`, the default) when the decoding asked for is greedy and the export
@@ -16,10 +16,29 @@ A captioner is two graphs, as `xmodal.models.decoding` drives it:
 limits; `vocab.json` holds the words. `xmodal.runtime` decodes with onnxruntime and numpy
 alone. The export checks itself: both graphs are run on Shapes images beside PyTorch and the
 largest difference is written in `onnx.json` (`check`), which must be under `TOLERANCE`.
+
+A generator that draws in one pass (`DRAW`: the distilled diffusion, DF-GAN) with a word-level
+text encoder (`learned`, `word2vec`) is up to four graphs, as `generate_by_draw` runs it:
+
+- `text.onnx`: word ids (B, T) of prompts of one length -> tokens (B, T, D) and the pooled
+  vector (B, D);
+- `slots.onnx` (layout stage only): tokens padded to the stage's `max_len` and their mask -> its
+  slots (B, K, D) and presence probabilities (B, K);
+- `radius.onnx` and `centre.onnx` (layout stage only): one slot's context given the boxes placed
+  so far, and the probabilities of its half-extent bins; then of its centre bins given the drawn
+  half-extent (`xmodal.models.layout_draws.sample_boxes` draws from them);
+- `draw.onnx`: noise, tokens, mask, pooled (and slots, boxes, presence) -> pictures in [-1, 1].
+
+Prompts of different lengths are encoded apart (the LSTM's packing is not in the graph) and
+padded for `draw`. The runtime draws its noise and boxes with numpy from the seed, so a seed
+gives another picture than under PyTorch, from the same distribution; the check runs each graph
+on the same inputs as PyTorch. Weights that float16 holds exactly (those of models saved as
+float16) are stored as float16 and cast back when the graph loads: half the file, the same numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -32,6 +51,7 @@ from xmodal.data.text import Vocabulary
 
 OPSET = 17
 TOLERANCE = 1e-3  # largest |log-probability difference| from PyTorch over a greedy decoding, for the export to pass
+IMAGE_TOLERANCE = 2e-3  # largest |pixel difference| from PyTorch, in [-1, 1] (a level of 255 is 7.8e-3)
 FORMAT = 1
 
 
@@ -61,8 +81,10 @@ def export_onnx(name_or_dir: str | Path, out: str | Path) -> dict:
     from xmodal.models.hub import load_model
 
     model = load_model(name_or_dir).eval().requires_grad_(False)
+    if model.task == "text-to-image":
+        return _export_generator(model, name_or_dir, Path(out))
     if model.task != "image-to-text":
-        raise ValueError(f"{name_or_dir} is a {model.task} model; xmodal export onnx exports captioners")
+        raise ValueError(f"{name_or_dir} is a {model.task} model; xmodal export onnx exports captioners and generators")
     out = _prepare(Path(out))
     images = _sample_images(model.config.image_preset, 3)
     with torch.no_grad():
@@ -84,18 +106,22 @@ def export_onnx(name_or_dir: str | Path, out: str | Path) -> dict:
                           dynamic_axes={"tokens": {0: "batch"}, "log_probs": {0: "batch"}, **axes, **next_axes},
                           opset_version=OPSET, dynamo=False)
     (out / "vocab.json").write_text(json.dumps(model.vocab.words))
-    from xmodal.models.folders import resolve_model_dir
-    from xmodal.runtime import weights_digest
-
-    meta = {"format": FORMAT, "task": "image-to-text", "source": str(name_or_dir), "model": model.registry_name,
-            "preset": model.config.image_preset, "state": names, "max_len": model.config.max_len,
-            "opset": OPSET, "decoding": "greedy", "weights_sha256": weights_digest(resolve_model_dir(name_or_dir))}
+    meta = {**_export_meta(model, name_or_dir), "preset": model.config.image_preset, "state": names,
+            "max_len": model.config.max_len, "decoding": "greedy"}
     meta["check"] = {"images": len(images), "max_abs_log_prob_diff": _check(model, out, images, names)}
     if meta["check"]["max_abs_log_prob_diff"] > TOLERANCE:
         raise RuntimeError(f"the ONNX graphs differ from PyTorch by {meta['check']['max_abs_log_prob_diff']:.2e} "
                            f"(tolerance {TOLERANCE}): not exported")
     (out / "onnx.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _export_meta(model, name_or_dir) -> dict:
+    from xmodal.models.folders import resolve_model_dir
+    from xmodal.runtime import weights_digest
+
+    return {"format": FORMAT, "task": model.task, "source": str(name_or_dir), "model": model.registry_name,
+            "opset": OPSET, "weights_sha256": weights_digest(resolve_model_dir(name_or_dir))}
 
 
 def _prepare(out: Path) -> Path:
@@ -138,3 +164,184 @@ def _check(model, out: Path, images: torch.Tensor, names: list[str]) -> float:
         worst = max(worst, float((torch.from_numpy(log_probs) - expected).abs().max()))
         tokens = expected.argmax(-1)
     return worst
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+class _Text(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model.text_encoder.embed_ids(ids)
+
+
+class _Slots(nn.Module):
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, tokens, mask):  # tokens padded to the layout's max_len: its attention's lengths are fixed
+        slots = self.layout.read(tokens, mask)
+        return slots, torch.sigmoid(self.layout.presence(slots).squeeze(-1))
+
+
+class _Radius(nn.Module):
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, slot, boxes, present):  # the boxes not placed yet are absent (present 0)
+        context = self.layout.placed_context(slot, boxes, present)
+        return context, self.layout.radius_probs(context)
+
+
+class _Centre(nn.Module):
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, context, r_bin):
+        return self.layout.centre_probs(context, r_bin)
+
+
+class _Draw(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, noise, tokens, mask, pooled, *layout):
+        slots_boxes_present = (layout[0], layout[1], layout[2] > 0.5) if layout else None
+        return self.model.draw(noise, tokens, mask, pooled, slots_boxes_present)
+
+
+def _export_generator(model, name_or_dir, out: Path) -> dict:
+    """The graphs of a DRAW generator with a word-level text encoder (see the module's docstring)."""
+    from xmodal.models.base import DRAW, supports
+
+    if not supports(model, DRAW):
+        raise ValueError(f"{name_or_dir} ({model.registry_name}) does not draw in one pass; xmodal export onnx exports "
+                         f"generators that do (distilled-diffusion, dfgan): distil a diffusion model first")
+    kind = model.text_encoder.spec.kind
+    if kind not in ("learned", "word2vec"):
+        raise ValueError(f"{name_or_dir} reads prompts with a {kind} text encoder; the ONNX export takes word-level "
+                         f"encoders (learned, word2vec), whose tokenizer needs no PyTorch")
+    out = _prepare(out)
+    inputs = _generator_inputs(model)
+    graphs = _generator_graphs(model, inputs)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the layout's fused attention kernel has no ONNX form
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python ints it keeps
+            for name, (module, args, in_names, out_names, axes) in graphs.items():
+                torch.onnx.export(module.eval(), args, out / f"{name}.onnx", input_names=in_names,
+                                  output_names=out_names, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+                _store_half(out / f"{name}.onnx")
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    layout = dataclasses.asdict(model.layout.config) if model.layout is not None else None
+    meta = {**_export_meta(model, name_or_dir), "words": model.text_encoder.vocab.words,
+            "noise_shape": list(model.noise_shape), "layout": layout, "graphs": sorted(graphs),
+            "draw_rows": model.draw_rows}
+    meta["check"] = _check_generator(out, meta, graphs, inputs)
+    worst = max(meta["check"].values())
+    if worst > IMAGE_TOLERANCE:
+        raise RuntimeError(f"the ONNX graphs differ from PyTorch by {worst:.2e} (tolerance {IMAGE_TOLERANCE}): "
+                           f"not exported ({meta['check']})")
+    (out / "onnx.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _generator_inputs(model) -> dict:
+    """Three prompts of five words of the model's own vocabulary, their seeds, noise and a drawn layout."""
+    import random
+
+    from xmodal.data.text import SPECIALS
+
+    words = model.text_encoder.vocab.words[len(SPECIALS):]
+    rng = random.Random(5)
+    ids = torch.tensor([[model.text_encoder.vocab.index[rng.choice(words)] for _ in range(5)] for _ in range(3)])
+    texts = [" ".join(model.text_encoder.vocab.words[i] for i in row) for row in ids.tolist()]
+    with torch.no_grad():
+        tokens, mask, pooled = model.encode_text(texts)
+        layout = model.sample_layout(tokens, mask.bool(), [0, 1, 2]) if model.layout is not None else None
+    noise = model.noise([0, 1, 2], model.noise_shape, "cpu")
+    return {"ids": ids, "texts": texts, "tokens": tokens, "mask": mask.bool(), "pooled": pooled, "layout": layout,
+            "noise": noise}
+
+
+def _generator_graphs(model, x: dict) -> dict:
+    """name -> (module, example inputs, input names, output names, dynamic axes)."""
+    batch = {0: "batch"}
+    words = {0: "batch", 1: "length"}
+    graphs = {"text": (_Text(model), (x["ids"],), ["ids"], ["tokens", "pooled"],
+                       {"ids": words, "tokens": words, "pooled": batch})}
+    layout_in = []
+    if model.layout is not None:
+        t, length = x["tokens"].size(1), model.layout.config.max_len
+        padded = (torch.cat([x["tokens"], x["tokens"].new_zeros(3, length - t, x["tokens"].size(2))], 1),
+                  torch.cat([x["mask"], x["mask"].new_zeros(3, length - t)], 1))
+        graphs["slots"] = (_Slots(model.layout), padded, ["tokens", "mask"], ["slots", "p_present"],
+                           {k: batch for k in ("tokens", "mask", "slots", "p_present")})
+        slots, boxes, present = x["layout"]
+        present = present.float()
+        with torch.no_grad():
+            context = model.layout.placed_context(slots[:, 1], boxes, present)
+        graphs["radius"] = (_Radius(model.layout), (slots[:, 1], boxes, present), ["slot", "boxes", "present"],
+                            ["context", "r_probs"], {k: batch for k in ("slot", "boxes", "present", "context", "r_probs")})
+        graphs["centre"] = (_Centre(model.layout), (context, torch.zeros(3, dtype=torch.long)), ["context", "r_bin"],
+                            ["xy_probs"], {k: batch for k in ("context", "r_bin", "xy_probs")})
+        layout_in = [slots, boxes, present]
+    draw_in = ["noise", "tokens", "mask", "pooled"] + (["slots", "boxes", "present"] if layout_in else [])
+    graphs["draw"] = (_Draw(model), (x["noise"], x["tokens"], x["mask"], x["pooled"], *layout_in), draw_in, ["images"],
+                      {**{k: batch for k in draw_in}, "tokens": words, "mask": words, "images": batch})
+    return graphs
+
+
+def _check_generator(out: Path, meta: dict, graphs: dict, x: dict) -> dict:
+    """Each graph beside PyTorch on the same inputs: the largest difference of its outputs (the
+    text graph against the model's own text encoder, which packs the LSTM)."""
+    import numpy as np
+
+    from xmodal.runtime import OnnxGenerator
+
+    runtime = OnnxGenerator(out, meta=meta)
+    check = {}
+    with torch.no_grad():
+        for name, (module, args, in_names, _, _) in graphs.items():
+            expected = module(*args)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            got = runtime.run(name, {k: a.numpy() for k, a in zip(in_names, args)})
+            check[f"max_abs_diff_{name}"] = max(float(np.abs(g - e.float().numpy()).max()) for g, e in zip(got, expected))
+        tokens, _ = runtime.run("text", {"ids": x["ids"].numpy()})[:2]
+        check["max_abs_diff_text_vs_encoder"] = float(np.abs(tokens - x["tokens"].numpy()).max())
+    return check
+
+
+def _store_half(path: Path) -> None:
+    """Store the float32 weights that float16 holds exactly (1,024 values or more) as float16, each
+    cast back to float32 by a node at the graph's start (folded when onnxruntime loads it)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = onnx.load(str(path))
+    kept, casts = [], []
+    for init in graph.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype == np.float32 and array.size >= 1024 and np.array_equal(array.astype(np.float16).astype(np.float32), array):
+            kept.append(numpy_helper.from_array(array.astype(np.float16), init.name + "__half"))
+            casts.append(helper.make_node("Cast", [init.name + "__half"], [init.name], to=TensorProto.FLOAT))
+        else:
+            kept.append(init)
+    if not casts:
+        return
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(kept)
+    nodes = casts + list(graph.graph.node)
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    onnx.save(graph, str(path))

@@ -1,23 +1,34 @@
-"""Captioning with onnxruntime and numpy alone: what `xmodal caption --runtime onnx` runs.
+"""Captioning and generation with onnxruntime and numpy alone: what `xmodal caption` and
+`xmodal generate` run with `--runtime onnx`.
 
-The folder is what `xmodal export onnx` wrote (`xmodal.export`). Preprocessing is the model's
-evaluation preset (`xmodal.data.images.Preprocess`, Pillow and numpy); decoding is greedy, with
-the rules of `xmodal.models.decoding`: `<pad>`, `<start>` and `<unk>` are never written, a word
-never follows itself, `<end>` waits for `min_len` words and is forced after `max_len`. Nothing
-here imports torch: this is the start-up path of a deployment without PyTorch.
+The folder is what `xmodal export onnx` wrote (`xmodal.export`). Nothing here imports torch:
+this is the start-up path of a deployment without PyTorch.
+
+- Captions: preprocessing is the model's evaluation preset (`xmodal.data.images.Preprocess`,
+  Pillow and numpy); decoding is greedy, with the rules of `xmodal.models.decoding`: `<pad>`,
+  `<start>` and `<unk>` are never written, a word never follows itself, `<end>` waits for
+  `min_len` words and is forced after `max_len`.
+- Pictures: prompts are split into words as the model's text encoder splits them, encoded in
+  groups of one length, and drawn in one batch; the layout's boxes are drawn by the same loop
+  as in PyTorch (`xmodal.models.layout_draws`). Noise and boxes come from numpy generators
+  seeded by the image's seed alone (its own stream for each): the same seed gives the same
+  picture here, though not the picture PyTorch draws for it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from xmodal.data.files import read_batches
-from xmodal.data.images import Preprocess
-from xmodal.data.text import Vocabulary
+from xmodal.data.images import GeneratedImage, Preprocess, arrays_to_pil
+from xmodal.data.text import Vocabulary, word_ids
+from xmodal.models.layout_draws import LayoutConfig, sample_boxes
 
 EXPORT_SUBFOLDER = "onnx"  # an export inside a model folder, made from its weights
 
@@ -38,64 +49,94 @@ def find_export(model: str, beam: int | None, require: bool) -> Path | None:
     export, else MODEL/onnx when it was made from MODEL's weights, as long as the decoding is
     greedy (`beam` 1, or None and the model's own decoding greedy). None where the PyTorch path
     must run; with `require` (`--runtime onnx`), the reason is raised instead."""
-    from xmodal.models.folders import read_model_meta, resolve_model_dir
+    from xmodal.models.folders import read_model_meta
 
     greedy = "--runtime onnx decodes greedily: give --beam 1"
-    if Path(model, "onnx.json").is_file():  # an export folder: there is no PyTorch model to fall back to
+    export, reason = _locate(model, "image-to-text")
+    if export is not None:
+        if beam is None and export != Path(model):  # the model's own decoding
+            beam = read_model_meta(export.parent)["config"].get("beam_size", 3)
         if beam not in (None, 1):
-            raise OnnxExportError(greedy)
-        return Path(model)
+            export, reason = None, greedy
+    if export is None and require:
+        raise OnnxExportError(reason)
+    return export
+
+
+def find_generator_export(model: str, options_given: bool, require: bool) -> Path | None:
+    """The ONNX export to generate with for `--model model` (found as `find_export` finds a
+    captioner's), as long as no sampler option is given (an export draws as it was exported)."""
+    export, reason = _locate(model, "text-to-image")
+    if export is not None and options_given:
+        export, reason = None, ("--runtime onnx draws as the model was exported: drop --steps, --guidance, --sampler "
+                                "and --negative")
+    if export is None and require:
+        raise OnnxExportError(reason)
+    return export
+
+
+def _locate(model: str, task: str) -> tuple[Path | None, str]:
+    """(the export, "") or (None, why there is none) for `--model model` and a task."""
+    from xmodal.models.folders import resolve_model_dir
+
+    if Path(model, "onnx.json").is_file():  # an export folder: there is no PyTorch model to fall back to
+        _read_meta(Path(model), task)
+        return Path(model), ""
     folder = resolve_model_dir(model)
     export = folder / EXPORT_SUBFOLDER
     if not (export / "onnx.json").is_file():
-        reason = (f"{model} has no ONNX export: run `xmodal export onnx {model} OUT` and give --model OUT, "
-                  f"or export to {export}")
-    elif (beam if beam is not None else read_model_meta(folder)["config"].get("beam_size", 3)) != 1:
-        reason = greedy
-    elif _read_meta(export).get("weights_sha256") != weights_digest(folder):
-        reason = f"{export} was exported from other weights than {folder}'s: export again"
-    else:
-        return export
-    if require:
-        raise OnnxExportError(reason)
-    return None
+        return None, (f"{model} has no ONNX export: run `xmodal export onnx {model} OUT` and give --model OUT, "
+                      f"or export to {export}")
+    if _read_meta(export, task).get("weights_sha256") != weights_digest(folder):
+        return None, f"{export} was exported from other weights than {folder}'s: export again"
+    return export, ""
+
+
+def _session(path: Path, threads: int, spin: bool = True):
+    """An onnxruntime session on the CPU; a missing or corrupt file is an OnnxExportError. Without
+    `spin`, its threads sleep as soon as a run ends: the sessions run between a generator's big
+    graph's runs would otherwise spin on the cores that graph needs (a third of its speed here)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise OnnxExportError("--runtime onnx needs onnxruntime: pip install onnxruntime") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # the graphs' shape notes are not the user's concern
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own classes for missing and corrupt files
+        raise OnnxExportError(f"{path.parent}: not a loadable ONNX export ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _run(session, feeds: dict) -> list[np.ndarray]:
+    try:
+        return session.run(None, feeds)
+    except Exception as e:  # onnxruntime's own error classes: a graph that does not fit its onnx.json
+        raise OnnxExportError(f"the ONNX graphs do not run as onnx.json describes them ({type(e).__name__}: "
+                              f"{str(e)[:200]}); export again") from None
 
 
 class OnnxCaptioner:
     def __init__(self, folder: str | Path, meta: dict | None = None, threads: int = 0):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise OnnxExportError("--runtime onnx needs onnxruntime: pip install onnxruntime") from None
         folder = Path(folder)
         if meta is None:
-            meta = _read_meta(folder)
+            meta = _read_meta(folder, "image-to-text")
         self.meta, self.names = meta, list(meta["state"])
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # the graphs' shape notes are not the user's concern
+        self._start, self._step = (_session(folder / f, threads) for f in ("start.onnx", "step.onnx"))
         try:
-            self._start, self._step = (onnxruntime.InferenceSession(str(folder / f), options,
-                                                                    providers=["CPUExecutionProvider"])
-                                       for f in ("start.onnx", "step.onnx"))
             self.words = json.loads((folder / "vocab.json").read_text())
-        except Exception as e:  # onnxruntime raises its own classes for missing and corrupt files
+        except (OSError, ValueError) as e:
             raise OnnxExportError(f"{folder}: not a loadable ONNX export ({type(e).__name__}: {str(e)[:200]})") from None
         self._preprocess = Preprocess(meta["preset"])
 
     def start(self, images: np.ndarray) -> list[np.ndarray]:
-        return self._run(self._start, {"images": images.astype(np.float32, copy=False)})
+        return _run(self._start, {"images": images.astype(np.float32, copy=False)})
 
     def step(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        out = self._run(self._step, {"tokens": tokens.astype(np.int64, copy=False), **dict(zip(self.names, state))})
+        out = _run(self._step, {"tokens": tokens.astype(np.int64, copy=False), **dict(zip(self.names, state))})
         return out[0], out[1:]
-
-    def _run(self, session, feeds: dict) -> list[np.ndarray]:
-        try:
-            return session.run(None, feeds)
-        except Exception as e:  # onnxruntime's own error classes: a graph that does not fit its onnx.json
-            raise OnnxExportError(f"the ONNX graphs do not run as onnx.json describes them ({type(e).__name__}: "
-                                  f"{str(e)[:200]}); export again") from None
 
     def decode(self, images: np.ndarray, max_len: int = 0, min_len: int = 0) -> list[list[int]]:
         """Greedy word ids for a batch of preprocessed images (B, 3, H, W)."""
@@ -151,15 +192,128 @@ class OnnxCaptioner:
         return out
 
 
-def _read_meta(folder: Path) -> dict:
+class OnnxGenerator:
+    """Pictures from prompts with an exported generator; `stream` and `check_prompts` as the
+    PyTorch `TextToImagePipeline` offers them, so the command line drives either."""
+
+    def __init__(self, folder: str | Path, meta: dict | None = None, threads: int = 0):
+        folder = Path(folder)
+        self.meta = _read_meta(folder, "text-to-image") if meta is None else meta
+        self.name = self.meta["source"]
+        self.vocab = Vocabulary(self.meta["words"])
+        self.noise_shape = tuple(self.meta["noise_shape"])
+        self.layout = LayoutConfig(**self.meta["layout"]) if self.meta["layout"] else None
+        self._sessions = {name: _session(folder / f"{name}.onnx", threads, spin=name == "draw")
+                          for name in self.meta["graphs"]}
+        self._inputs = {name: {i.name for i in s.get_inputs()} for name, s in self._sessions.items()}
+
+    def run(self, graph: str, feeds: dict) -> list[np.ndarray]:
+        """One graph's outputs; feeds it does not take (an input the export found unused) are left out."""
+        return _run(self._sessions[graph], {k: v for k, v in feeds.items() if k in self._inputs[graph]})
+
+    def check_prompts(self, prompts: Sequence[str] | str, strict: bool = False) -> list[str]:
+        """The warnings (unknown words) the prompts would give; raises when one cannot be drawn."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            word_ids(prompts, self.vocab, strict)
+        return [str(w.message) for w in caught]
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Prompts -> the text graph's outputs, rows of one length encoded together, padded to the
+        longest, with the mask (B, T) of real words."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown words are reported by check_prompts
+            rows = word_ids(prompts, self.vocab)
+        t_max = max(len(r) for r in rows)
+        out: dict[str, np.ndarray] = {}
+        for length, group in itertools.groupby(sorted(range(len(rows)), key=lambda i: len(rows[i])),
+                                               key=lambda i: len(rows[i])):
+            group = list(group)
+            tokens, pooled = self.run("text", {"ids": np.array([rows[i] for i in group], dtype=np.int64)})
+            if not out:
+                out = {"tokens": np.zeros((len(rows), t_max, tokens.shape[2]), np.float32),
+                       "mask": np.zeros((len(rows), t_max), dtype=bool), "pooled": np.zeros((len(rows), pooled.shape[1]), np.float32)}
+            out["tokens"][group, :length], out["pooled"][group] = tokens, pooled
+            out["mask"][group, :length] = True
+        if self.layout is not None:
+            if t_max > self.layout.max_len:
+                raise ValueError(f"a prompt has {t_max} words; the layout stage reads at most {self.layout.max_len}")
+            pad = ((0, 0), (0, self.layout.max_len - t_max))
+            out["slots"], out["p_present"] = self.run("slots", {"tokens": np.pad(out["tokens"], (*pad, (0, 0))),
+                                                               "mask": np.pad(out["mask"], pad)})
+        return out
+
+    def sample_layout(self, slots: np.ndarray, p_present: np.ndarray, seeds: Sequence[int]) -> tuple[np.ndarray, ...]:
+        """One layout per seed -> boxes (B, K, 3), present (B, K) as float32."""
+        rngs = [_generator(seed, stream=1) for seed in seeds]
+
+        def radius(k, boxes, present):
+            return self.run("radius", {"slot": slots[:, k], "boxes": boxes, "present": present.astype(np.float32)})
+
+        def centre(context, r_bin):
+            return self.run("centre", {"context": context, "r_bin": r_bin})[0]
+
+        def pick(i, probs):
+            cumulative = np.cumsum(probs, dtype=np.float64)
+            return int(min(np.searchsorted(cumulative, rngs[i].random() * cumulative[-1], side="right"), len(probs) - 1))
+
+        boxes, present = sample_boxes(self.layout, p_present, radius, centre, pick, lambda i: rngs[i].random(4))
+        return boxes, present.astype(np.float32)
+
+    def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> list:
+        """One PIL image per (prompt, seed) pair, in one batch; prompts already checked."""
+        text = self.encode(prompts)
+        feeds = {"noise": np.stack([_generator(s, stream=0).standard_normal(self.noise_shape, dtype=np.float32)
+                                    for s in seeds]), **text}
+        if self.layout is not None:
+            feeds["boxes"], feeds["present"] = self.sample_layout(text["slots"], text["p_present"], seeds)
+        rows = self.meta.get("draw_rows") or len(seeds)
+        return arrays_to_pil(np.concatenate([self.run("draw", {k: v[start:start + rows] for k, v in feeds.items()})[0]
+                                             for start in range(0, len(seeds), rows)]))
+
+    def stream(self, jobs: Iterable[tuple[str, int]], batch_size: int = 64, options=None,
+               progress: Callable[[int], None] | None = None) -> Iterator[GeneratedImage]:
+        """Images for (prompt, seed) jobs as they are made, `batch_size` at a time (`options`:
+        none can be given to an export; the argument mirrors the PyTorch pipeline's)."""
+        if options is not None and options.given():
+            raise OnnxExportError("--runtime onnx draws as the model was exported: it takes no sampler options")
+        jobs = iter(jobs)
+        while chunk := list(itertools.islice(jobs, batch_size)):
+            images = self.render([p for p, _ in chunk], [s for _, s in chunk])
+            yield from (GeneratedImage(p, s, img) for (p, s), img in zip(chunk, images))
+            if progress is not None:
+                progress(len(chunk))
+
+    def __call__(self, prompts: Sequence[str] | str, n: int = 1, seed: int = 0, batch_size: int = 64,
+                 options=None) -> list:
+        """`n` images per prompt (PIL), image k (overall) from seed `seed + k`, as the PyTorch pipeline's."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        jobs = ((p, seed + i * n + j) for i, p in enumerate(prompts) for j in range(n))
+        return [g.image for g in self.stream(jobs, batch_size, options)]
+
+
+def _generator(seed: int, stream: int) -> np.random.Generator:
+    """numpy's generator for one image's seed; stream 0 draws its noise, 1 its boxes."""
+    return np.random.default_rng([stream, int(seed) % 2**64])
+
+
+_REQUIRED = {"image-to-text": ("state", "preset", "max_len"), "text-to-image": ("words", "noise_shape", "graphs", "layout")}
+
+
+def _read_meta(folder: Path, task: str) -> dict:
     path = folder / "onnx.json"
     if not path.is_file():
         raise OnnxExportError(f"{folder}: no onnx.json; --runtime onnx takes a folder written by "
                               f"`xmodal export onnx MODEL OUT`")
     try:
         meta = json.loads(path.read_text())
-        if meta.get("task") != "image-to-text" or not isinstance(meta.get("state"), list):
-            raise ValueError("not a captioner export")
+        if not isinstance(meta, dict) or meta.get("task") not in _REQUIRED:
+            raise ValueError("not an export of xmodal")
     except (ValueError, UnicodeDecodeError) as e:
         raise OnnxExportError(f"{path}: unreadable ({e})") from None
+    if meta["task"] != task:
+        raise OnnxExportError(f"{folder} holds an export for {meta['task']}; this command needs one for {task}")
+    missing = [key for key in _REQUIRED[task] if key not in meta]
+    if missing:
+        raise OnnxExportError(f"{path}: unreadable (no {', '.join(missing)})")
     return meta

@@ -55,6 +55,14 @@ def in_cpu_chunks(fn, x: torch.Tensor):
     return torch.cat(parts)
 
 
+def in_cpu_row_chunks(fn, count: int, device) -> torch.Tensor:
+    """fn(rows) over row slices of CPU_CHUNK rows on a CPU, concatenated; one call with all rows
+    (`slice(None)`) elsewhere or for a few rows, so a traced graph keeps its batch size a variable."""
+    if torch.device(device).type != "cpu" or count <= CPU_CHUNK:
+        return fn(slice(None))
+    return torch.cat([fn(slice(start, start + CPU_CHUNK)) for start in range(0, count, CPU_CHUNK)])
+
+
 def supports(model, capability: str) -> bool:
     """Whether a model (or model class) declares `capability`."""
     if capability not in CAPABILITIES:

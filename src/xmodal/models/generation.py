@@ -39,6 +39,7 @@ class TextToImageModel(WithTextEncoder):
 
     task = "text-to-image"
     capabilities = frozenset({LAYOUT})
+    draw_rows = 0  # DRAW models: rows per call of the exported draw graph that run best on a CPU (0: the whole batch)
 
     def __init__(self, config, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)

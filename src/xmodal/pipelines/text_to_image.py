@@ -5,21 +5,13 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from xmodal.data.images import to_pil
+from xmodal.data.images import GeneratedImage, to_pil
 from xmodal.data.text import check_texts
 from xmodal.models.base import SAMPLER_OPTIONS, GenerateOptions, supports
-
-
-@dataclass
-class GeneratedImage:
-    prompt: str
-    seed: int
-    image: Image.Image
 
 
 class TextToImagePipeline:
