@@ -66,16 +66,23 @@ def captions(folder: Path, count: int, batch: int) -> dict:
 
 
 def generations(folder: Path, count: int, batch: int) -> dict:
-    import xmodal
+    from xmodal.runtime import OnnxGenerator, find_generator_export
 
     prompts = record_prompts(ShapesDataset("test", count, seed=94).records)
     (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
     seconds = timed(["generate", "--prompts-file", str(folder / "prompts.txt"), "-o", str(folder / "out"),
                      "--batch-size", str(batch)])
     written = len(list((folder / "out").glob("*.png")))
-    pipe = xmodal.load(DEFAULT_GENERATOR)
+    export = find_generator_export(DEFAULT_GENERATOR, False, require=False)
+    if export is not None:
+        runtime, pipe = "onnx", OnnxGenerator(export)
+    else:
+        import xmodal
+
+        runtime, pipe = "torch", xmodal.load(DEFAULT_GENERATOR)
     rate = in_process_rate(lambda n: pipe(prompts[:n], batch_size=batch), count)
-    return {"model": DEFAULT_GENERATOR, "prompts": count, "written": written, "cli_seconds": round(seconds, 2),
+    return {"model": DEFAULT_GENERATOR, "runtime": runtime, "prompts": count, "written": written,
+            "cli_seconds": round(seconds, 2),
             "cli_per_s": round(count / seconds, 1), "in_process_per_s": round(rate, 1),
             "ratio": round(count / seconds / rate, 3)}
 

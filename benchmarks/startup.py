@@ -3,8 +3,8 @@
     python benchmarks/startup.py [--repeats 5]
 
 Runs `xmodal caption one.png` (the default: the bundled ONNX export, no torch; and with
-`--runtime torch`) and `xmodal generate "..." -n 1` (the default generator, and its teacher
-`shapes-diffusion`) as a new user would (a fresh process each time), and `python -c "import torch"`
+`--runtime torch`) and `xmodal generate "..." -n 1` (the default generator: its bundled ONNX
+export, and with `--runtime torch`; and its teacher `shapes-diffusion`) as a new user would (a fresh process each time), and `python -c "import torch"`
 for scale.
 Reports the median wall seconds and the largest peak resident memory (MB) over the repeats,
 and which heavy packages the caption path imported.
@@ -75,6 +75,8 @@ def main() -> None:
                                                  args.repeats),
             "generate_one": run(["-m", "xmodal", "generate", "a small red circle", "-n", "1", "--out", tmp],
                                 args.repeats),
+            "generate_one_runtime_torch": run(["-m", "xmodal", "generate", "a small red circle", "-n", "1", "--out", tmp,
+                                               "--runtime", "torch"], args.repeats),
             "generate_one_teacher": run(["-m", "xmodal", "generate", "a small red circle", "-n", "1", "--out", tmp,
                                          "--model", "shapes-diffusion"], args.repeats),
             "caption_path_imports": line[0].split(" ", 1)[1] if line else imported.stderr[-300:],

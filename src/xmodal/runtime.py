@@ -94,8 +94,9 @@ def _locate(model: str, task: str) -> tuple[Path | None, str]:
 
 def _session(path: Path, threads: int, spin: bool = True):
     """An onnxruntime session on the CPU; a missing or corrupt file is an OnnxExportError. Without
-    `spin`, its threads sleep as soon as a run ends: the sessions run between a generator's big
-    graph's runs would otherwise spin on the cores that graph needs (a third of its speed here)."""
+    `spin`, its threads sleep as soon as a run ends instead of waiting busy for the next: sessions
+    that take turns (a captioner's two, a generator's small ones between its draws) would otherwise
+    spin on the cores the next one needs (the default generator lost a third of its speed to it)."""
     try:
         import onnxruntime
     except ImportError:
@@ -124,7 +125,7 @@ class OnnxCaptioner:
         if meta is None:
             meta = _read_meta(folder, "image-to-text")
         self.meta, self.names = meta, list(meta["state"])
-        self._start, self._step = (_session(folder / f, threads) for f in ("start.onnx", "step.onnx"))
+        self._start, self._step = (_session(folder / f, threads, spin=False) for f in ("start.onnx", "step.onnx"))
         try:
             self.words = json.loads((folder / "vocab.json").read_text())
         except (OSError, ValueError) as e:
