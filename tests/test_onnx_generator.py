@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -86,10 +87,22 @@ def test_bad_generator_exports_and_options_are_named(gan_export, tmp_path, capsy
                  "--model", str(folder), "--strict"]) == 0
     err = capsys.readouterr().err
     assert "'zebra'" in err and len(list((tmp_path / "out").glob("*.png"))) == 1
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in folder.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    long = " ".join(["a large red circle above"] * 10)  # 50 words: more than the layout stage reads
+    for runtime in ("onnx", "torch"):
+        out = tmp_path / f"long-{runtime}"
+        assert main(["generate", long, "a small red circle", "-o", str(out), "--runtime", runtime,
+                     "--model", "shapes-diffusion-fast"]) == 0
+        assert "the layout stage reads at most 32" in capsys.readouterr().err
+        assert [p.name for p in out.glob("*.png")] == ["0001-00-seed1.png"]  # the other prompt is drawn
+    meta = json.loads((folder / "onnx.json").read_text())
+    tampered = shutil.copytree(folder, tmp_path / "tampered")
+    for change, message in (({"noise_shape": [100000, 100000]}, "is not the draw graph's"),
+                            ({"graphs": ["../../x", "draw"]}, "this generator needs"),
+                            ({"layout": {"bogus": 1}}, "unexpected keyword")):
+        (tampered / "onnx.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(OnnxExportError, match=message):
+            OnnxGenerator(tampered)
+    broken = shutil.copytree(folder, tmp_path / "broken")
     (broken / "draw.onnx").write_bytes(b"not a graph")
     with pytest.raises(OnnxExportError, match="not a loadable ONNX export"):
         OnnxGenerator(broken)

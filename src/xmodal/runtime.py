@@ -200,13 +200,23 @@ class OnnxGenerator:
     def __init__(self, folder: str | Path, meta: dict | None = None, threads: int = 0):
         folder = Path(folder)
         self.meta = _read_meta(folder, "text-to-image") if meta is None else meta
-        self.name = self.meta["source"]
-        self.vocab = Vocabulary(self.meta["words"])
-        self.noise_shape = tuple(self.meta["noise_shape"])
-        self.layout = LayoutConfig(**self.meta["layout"]) if self.meta["layout"] else None
-        self._sessions = {name: _session(folder / f"{name}.onnx", threads, spin=name == "draw")
-                          for name in self.meta["graphs"]}
+        self.name = str(self.meta.get("source", folder))
+        try:
+            self.vocab = Vocabulary(self.meta["words"])
+            self.layout = LayoutConfig(**self.meta["layout"]) if self.meta["layout"] else None
+        except (TypeError, ValueError) as e:
+            raise OnnxExportError(f"{folder / 'onnx.json'}: unreadable ({e})") from None
+        graphs = ("text", "slots", "radius", "centre", "draw") if self.layout is not None else ("text", "draw")
+        if sorted(self.meta["graphs"]) != sorted(graphs):
+            raise OnnxExportError(f"{folder / 'onnx.json'}: names the graphs {self.meta['graphs']}; "
+                                  f"this generator needs {list(graphs)}")
+        self._sessions = {name: _session(folder / f"{name}.onnx", threads, spin=name == "draw") for name in graphs}
         self._inputs = {name: {i.name for i in s.get_inputs()} for name, s in self._sessions.items()}
+        noise = [i.shape[1:] for i in self._sessions["draw"].get_inputs() if i.name == "noise"]
+        if not noise or list(noise[0]) != self.meta["noise_shape"]:
+            raise OnnxExportError(f"{folder / 'onnx.json'}: noise_shape {self.meta['noise_shape']} is not the draw "
+                                  f"graph's ({noise[0] if noise else 'no noise input'}); export again")
+        self.noise_shape = tuple(self.meta["noise_shape"])
 
     def run(self, graph: str, feeds: dict) -> list[np.ndarray]:
         """One graph's outputs; feeds it does not take (an input the export found unused) are left out."""
@@ -216,7 +226,10 @@ class OnnxGenerator:
         """The warnings (unknown words) the prompts would give; raises when one cannot be drawn."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            word_ids(prompts, self.vocab, strict)
+            rows = word_ids(prompts, self.vocab, strict)
+        longest = max(len(r) for r in rows)
+        if self.layout is not None and longest > self.layout.max_len:
+            raise ValueError(f"the prompt has {longest} tokens; the layout stage reads at most {self.layout.max_len}")
         return [str(w.message) for w in caught]
 
     def encode(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -238,7 +251,7 @@ class OnnxGenerator:
             out["mask"][group, :length] = True
         if self.layout is not None:
             if t_max > self.layout.max_len:
-                raise ValueError(f"a prompt has {t_max} words; the layout stage reads at most {self.layout.max_len}")
+                raise ValueError(f"the prompt has {t_max} tokens; the layout stage reads at most {self.layout.max_len}")
             pad = ((0, 0), (0, self.layout.max_len - t_max))
             out["slots"], out["p_present"] = self.run("slots", {"tokens": np.pad(out["tokens"], (*pad, (0, 0))),
                                                                "mask": np.pad(out["mask"], pad)})

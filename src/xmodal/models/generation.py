@@ -52,6 +52,13 @@ class TextToImageModel(WithTextEncoder):
             saved["layout"] = {}  # how every saved folder says "no layout stage"
         return saved
 
+    def check_lengths(self, mask: torch.Tensor) -> None:
+        """A ValueError when a prompt (a row of the text encoder's mask) is longer than the layout
+        stage reads, so that it can be skipped alone before its batch is drawn."""
+        longest = int(mask.sum(1).max()) if mask.numel() else 0
+        if self.layout is not None and longest > self.layout.config.max_len:
+            raise ValueError(f"the prompt has {longest} tokens; the layout stage reads at most {self.layout.config.max_len}")
+
     @property
     def layout_slots(self) -> int:
         return self.layout.config.slots if self.layout is not None else 0
