@@ -210,7 +210,8 @@ class OnnxGenerator:
         if sorted(self.meta["graphs"]) != sorted(graphs):
             raise OnnxExportError(f"{folder / 'onnx.json'}: names the graphs {self.meta['graphs']}; "
                                   f"this generator needs {list(graphs)}")
-        self._sessions = {name: _session(folder / f"{name}.onnx", threads, spin=name == "draw") for name in graphs}
+        self._sessions = {name: _session(folder / f"{name}.onnx", threads if name == "draw" else 1, spin=name == "draw")
+                          for name in graphs}
         self._inputs = {name: {i.name for i in s.get_inputs()} for name, s in self._sessions.items()}
         noise = [i.shape[1:] for i in self._sessions["draw"].get_inputs() if i.name == "noise"]
         if not noise or list(noise[0]) != self.meta["noise_shape"]:
