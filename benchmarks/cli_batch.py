@@ -1,6 +1,6 @@
 """End-to-end throughput of the command line's batch paths against the same work in process.
 
-    python benchmarks/cli_batch.py [--images 5000] [--prompts 1000] [--batch-size 256]
+    python benchmarks/cli_batch.py [--images 5000] [--prompts 1000] [--batch-size 256] [--repeats 3]
 
 `xmodal caption DIR` over DIR of `--images` fresh Shapes PNGs, and `xmodal generate
 --prompts-file` over `--prompts` fresh Shapes prompts, each a new process timed from start to
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,13 +46,27 @@ def in_process_rate(fn, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def captions(folder: Path, count: int, batch: int) -> dict:
+def trials(cli: list[str], in_process, count: int, repeats: int, before=None) -> dict:
+    """The command line and the in-process run taking turns `repeats` times (this machine's speed
+    drifts by tens of percent within minutes, so each ratio compares neighbours): each pair's
+    numbers, and the median ratio."""
+    runs = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        seconds = timed(cli)
+        rate = in_process_rate(in_process, count)
+        runs.append({"cli_seconds": round(seconds, 2), "cli_per_s": round(count / seconds, 1),
+                     "in_process_per_s": round(rate, 1), "ratio": round(count / seconds / rate, 3)})
+    return {"runs": runs, "ratio_median": statistics.median(r["ratio"] for r in runs)}
+
+
+def captions(folder: Path, count: int, batch: int, repeats: int) -> dict:
+    from xmodal.runtime import OnnxCaptioner, find_export
+
     data = ShapesDataset("test", count, seed=93)
     for i in range(count):
         Image.fromarray(data.item(i)[1]).save(folder / f"{i:05d}.png")
-    seconds = timed(["caption", str(folder), "--batch-size", str(batch), "--json"])
-    from xmodal.runtime import OnnxCaptioner, find_export
-
     export = find_export(DEFAULT_CAPTIONER, None, require=False)
     images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
     if export is not None:
@@ -59,20 +75,16 @@ def captions(folder: Path, count: int, batch: int) -> dict:
         import xmodal
 
         runtime, pipe = "torch", xmodal.load(DEFAULT_CAPTIONER)
-    rate = in_process_rate(lambda n: pipe(images[:n], batch_size=batch), count)
-    return {"model": DEFAULT_CAPTIONER, "runtime": runtime, "images": count, "cli_seconds": round(seconds, 2),
-            "cli_per_s": round(count / seconds, 1), "in_process_per_s": round(rate, 1),
-            "ratio": round(count / seconds / rate, 3)}
+    measured = trials(["caption", str(folder), "--batch-size", str(batch), "--json"],
+                      lambda n: pipe(images[:n], batch_size=batch), count, repeats)
+    return {"model": DEFAULT_CAPTIONER, "runtime": runtime, "images": count, **measured}
 
 
-def generations(folder: Path, count: int, batch: int) -> dict:
+def generations(folder: Path, count: int, batch: int, repeats: int) -> dict:
     from xmodal.runtime import OnnxGenerator, find_generator_export
 
     prompts = record_prompts(ShapesDataset("test", count, seed=94).records)
     (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    seconds = timed(["generate", "--prompts-file", str(folder / "prompts.txt"), "-o", str(folder / "out"),
-                     "--batch-size", str(batch)])
-    written = len(list((folder / "out").glob("*.png")))
     export = find_generator_export(DEFAULT_GENERATOR, False, require=False)
     if export is not None:
         runtime, pipe = "onnx", OnnxGenerator(export)
@@ -80,11 +92,12 @@ def generations(folder: Path, count: int, batch: int) -> dict:
         import xmodal
 
         runtime, pipe = "torch", xmodal.load(DEFAULT_GENERATOR)
-    rate = in_process_rate(lambda n: pipe(prompts[:n], batch_size=batch), count)
-    return {"model": DEFAULT_GENERATOR, "runtime": runtime, "prompts": count, "written": written,
-            "cli_seconds": round(seconds, 2),
-            "cli_per_s": round(count / seconds, 1), "in_process_per_s": round(rate, 1),
-            "ratio": round(count / seconds / rate, 3)}
+    out = folder / "out"
+    measured = trials(["generate", "--prompts-file", str(folder / "prompts.txt"), "-o", str(out), "--batch-size",
+                       str(batch)], lambda n: pipe(prompts[:n], batch_size=batch), count, repeats,
+                      before=lambda: shutil.rmtree(out, ignore_errors=True))
+    return {"model": DEFAULT_GENERATOR, "runtime": runtime, "prompts": count,
+            "written": len(list(out.glob("*.png"))), **measured}
 
 
 def main() -> None:
@@ -92,12 +105,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="command line / in process pairs per path")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "c").mkdir()
         (Path(tmp) / "g").mkdir()
-        result = {"caption_dir": captions(Path(tmp) / "c", args.images, args.batch_size),
-                  "generate_prompts_file": generations(Path(tmp) / "g", args.prompts, min(args.batch_size, 64))}
+        result = {"caption_dir": captions(Path(tmp) / "c", args.images, args.batch_size, args.repeats),
+                  "generate_prompts_file": generations(Path(tmp) / "g", args.prompts, min(args.batch_size, 64),
+                                                       args.repeats)}
     print(json.dumps(result))
 
 
