@@ -27,7 +27,8 @@ text encoder (`learned`, `word2vec`) is up to four graphs, as `generate_by_draw`
 - `radius.onnx` and `centre.onnx` (layout stage only): one slot's context given the boxes placed
   so far, and the probabilities of its half-extent bins; then of its centre bins given the drawn
   half-extent (`xmodal.models.layout_draws.sample_boxes` draws from them);
-- `draw.onnx`: noise, tokens, mask, pooled (and slots, boxes, presence) -> pictures in [-1, 1].
+- `draw.onnx`: noise, tokens, mask, pooled (and slots, boxes, presence) -> pictures in [-1, 1],
+  and the same as 8-bit levels (B, H, W, C), which the runtime fetches.
 
 Prompts of different lengths are encoded apart (the LSTM's packing is not in the graph) and
 padded for `draw`. The runtime draws its noise and boxes with numpy from the seed, so a seed
@@ -214,7 +215,10 @@ class _Draw(nn.Module):
 
     def forward(self, noise, tokens, mask, pooled, *layout):
         slots_boxes_present = (layout[0], layout[1], layout[2] > 0.5) if layout else None
-        return self.model.draw(noise, tokens, mask, pooled, slots_boxes_present)
+        images = self.model.draw(noise, tokens, mask, pooled, slots_boxes_present)
+        # and as 8-bit levels (B, H, W, C), rounded half to even as `to_pil` rounds: no numpy pass per batch
+        levels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return images, levels
 
 
 def _export_generator(model, name_or_dir, out: Path) -> dict:
@@ -296,8 +300,9 @@ def _generator_graphs(model, x: dict) -> dict:
                             ["xy_probs"], {k: batch for k in ("context", "r_bin", "xy_probs")})
         layout_in = [slots, boxes, present]
     draw_in = ["noise", "tokens", "mask", "pooled"] + (["slots", "boxes", "present"] if layout_in else [])
-    graphs["draw"] = (_Draw(model), (x["noise"], x["tokens"], x["mask"], x["pooled"], *layout_in), draw_in, ["images"],
-                      {**{k: batch for k in draw_in}, "tokens": words, "mask": words, "images": batch})
+    graphs["draw"] = (_Draw(model), (x["noise"], x["tokens"], x["mask"], x["pooled"], *layout_in), draw_in,
+                      ["images", "levels"],
+                      {**{k: batch for k in draw_in}, "tokens": words, "mask": words, "images": batch, "levels": batch})
     return graphs
 
 
@@ -315,7 +320,11 @@ def _check_generator(out: Path, meta: dict, graphs: dict, x: dict) -> dict:
             expected = module(*args)
             expected = expected if isinstance(expected, tuple) else (expected,)
             got = runtime.run(name, {k: a.numpy() for k, a in zip(in_names, args)})
-            check[f"max_abs_diff_{name}"] = max(float(np.abs(g - e.float().numpy()).max()) for g, e in zip(got, expected))
+            pairs = [(g, e.numpy()) for g, e in zip(got, expected)]
+            check[f"max_abs_diff_{name}"] = max(float(np.abs(g - e).max()) for g, e in pairs if e.dtype != np.uint8)
+            for g, e in pairs:
+                if e.dtype == np.uint8 and np.abs(g.astype(int) - e.astype(int)).max() > 1:
+                    raise RuntimeError("the ONNX graph's 8-bit pictures differ from PyTorch's by more than one level")
         tokens, _ = runtime.run("text", {"ids": x["ids"].numpy()})[:2]
         check["max_abs_diff_text_vs_encoder"] = float(np.abs(tokens - x["tokens"].numpy()).max())
     return check

@@ -24,9 +24,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from xmodal.data.files import read_batches
-from xmodal.data.images import GeneratedImage, Preprocess, arrays_to_pil
+from xmodal.data.images import GeneratedImage, Preprocess
 from xmodal.data.text import Vocabulary, word_ids
 from xmodal.models.layout_draws import LayoutConfig, sample_boxes
 
@@ -111,9 +112,9 @@ def _session(path: Path, threads: int, spin: bool = True):
         raise OnnxExportError(f"{path.parent}: not a loadable ONNX export ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _run(session, feeds: dict) -> list[np.ndarray]:
+def _run(session, feeds: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
     try:
-        return session.run(None, feeds)
+        return session.run(outputs, feeds)
     except Exception as e:  # onnxruntime's own error classes: a graph that does not fit its onnx.json
         raise OnnxExportError(f"the ONNX graphs do not run as onnx.json describes them ({type(e).__name__}: "
                               f"{str(e)[:200]}); export again") from None
@@ -219,9 +220,10 @@ class OnnxGenerator:
                                   f"graph's ({noise[0] if noise else 'no noise input'}); export again")
         self.noise_shape = tuple(self.meta["noise_shape"])
 
-    def run(self, graph: str, feeds: dict) -> list[np.ndarray]:
-        """One graph's outputs; feeds it does not take (an input the export found unused) are left out."""
-        return _run(self._sessions[graph], {k: v for k, v in feeds.items() if k in self._inputs[graph]})
+    def run(self, graph: str, feeds: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
+        """One graph's outputs (all, or those named); feeds it does not take (an input the export
+        found unused) are left out."""
+        return _run(self._sessions[graph], {k: v for k, v in feeds.items() if k in self._inputs[graph]}, outputs)
 
     def check_prompts(self, prompts: Sequence[str] | str, strict: bool = False) -> list[str]:
         """The warnings (unknown words) the prompts would give; raises when one cannot be drawn."""
@@ -268,11 +270,13 @@ class OnnxGenerator:
         def centre(context, r_bin):
             return self.run("centre", {"context": context, "r_bin": r_bin})[0]
 
-        def pick(i, probs):
-            cumulative = np.cumsum(probs, dtype=np.float64)
-            return int(min(np.searchsorted(cumulative, rngs[i].random() * cumulative[-1], side="right"), len(probs) - 1))
+        def pick(probs):  # each row's bin by the inverse of its cumulative distribution (weights need not sum to 1)
+            cumulative = np.cumsum(probs, axis=1, dtype=np.float64)
+            target = np.array([rng.random() for rng in rngs]) * cumulative[:, -1]
+            return np.minimum((cumulative <= target[:, None]).sum(1), probs.shape[1] - 1)
 
-        boxes, present = sample_boxes(self.layout, p_present, radius, centre, pick, lambda i: rngs[i].random(4))
+        boxes, present = sample_boxes(self.layout, p_present, radius, centre, pick,
+                                      lambda: np.stack([rng.random(4) for rng in rngs]))
         return boxes, present.astype(np.float32)
 
     def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> list:
@@ -283,8 +287,9 @@ class OnnxGenerator:
         if self.layout is not None:
             feeds["boxes"], feeds["present"] = self.sample_layout(text["slots"], text["p_present"], seeds)
         rows = self.meta.get("draw_rows") or len(seeds)
-        return arrays_to_pil(np.concatenate([self.run("draw", {k: v[start:start + rows] for k, v in feeds.items()})[0]
-                                             for start in range(0, len(seeds), rows)]))
+        levels = np.concatenate([self.run("draw", {k: v[start:start + rows] for k, v in feeds.items()}, ["levels"])[0]
+                                 for start in range(0, len(seeds), rows)])  # (B, H, W, C) uint8
+        return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in levels]
 
     def stream(self, jobs: Iterable[tuple[str, int]], batch_size: int = 64, options=None,
                progress: Callable[[int], None] | None = None) -> Iterator[GeneratedImage]:

@@ -200,18 +200,8 @@ _GEOMETRY = {"shapes64": _shapes64, "small64": _small64, "gray32": _gray32, "ima
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:
     """A (3, H, W) tensor in [-1, 1] -> PIL RGB image."""
-    return array_to_pil(tensor.detach().float().cpu().numpy())
-
-
-def array_to_pil(array: np.ndarray) -> Image.Image:
-    """A (3, H, W) float array in [-1, 1] -> PIL RGB image (levels rounded half to even, as torch rounds)."""
-    return arrays_to_pil(array[None])[0]
-
-
-def arrays_to_pil(arrays: np.ndarray) -> list[Image.Image]:
-    """A batch (B, 3, H, W) of float arrays in [-1, 1] -> PIL RGB images, converted in one pass."""
-    levels = np.rint((np.clip(arrays, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
-    return [Image.fromarray(image) for image in np.ascontiguousarray(levels.transpose(0, 2, 3, 1))]
+    array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 @dataclass

@@ -198,8 +198,8 @@ def per_head_mean(scores: torch.Tensor) -> torch.Tensor:
 class DFGAN(TextToImageModel):
     config_class = DFGANConfig
     capabilities = frozenset({LAYOUT, DRAW})
-    draw_rows = 2 * CPU_CHUNK  # the ONNX runtime's draw graph ran fastest in calls of 8-16 rows here (1,010-1,030
-    # images/s for shapes-gan, 895 in calls of 64): one picture's activations stay in the cache
+    draw_rows = CPU_CHUNK  # the ONNX runtime's draw graph ran fastest in calls of 4-16 rows here (1,140-1,250
+    # images/s for shapes-gan, 1,030 in calls of 64): a few pictures' activations stay in the cache
 
     def __init__(self, config: DFGANConfig, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)

@@ -4,8 +4,8 @@
 The networks are given as two functions, so each runtime brings its own: `radius(k, boxes,
 present)` gives slot k's context and the probabilities of its half-extent bins, given the
 boxes placed so far; `centre(context, r_bin)` the probabilities of its centre bins. Draws come
-from one random source per row (`pick(i, probs)`, `uniform(i)`), so row i's boxes depend on
-its own seed only, whatever the batch. Nothing here imports torch.
+from one random source per row (`pick(probs)`, `uniform()` draw for every row from its own),
+so row i's boxes depend on its own seed only, whatever the batch. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ class LayoutConfig:
 
 
 def sample_boxes(config: LayoutConfig, p_present: np.ndarray, radius: Callable, centre: Callable,
-                 pick: Callable[[int, np.ndarray], int], uniform: Callable[[int], np.ndarray]
+                 pick: Callable[[np.ndarray], np.ndarray], uniform: Callable[[], np.ndarray]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """One layout per row -> boxes (B, K, 3) float32 (centre x, y and half-extent, 64-px units)
-    and present (B, K) bool. p_present (B, K): each slot's presence probability; slot k is
-    drawn after slots < k, half-extent first, then the centre given it, then 4 uniforms
-    (presence, and the position inside the r, x and y bins)."""
+    and present (B, K) bool. p_present (B, K): each slot's presence probability. Slot k is drawn
+    after slots < k: its half-extent bin (`pick(probs (B, R)) -> (B,)`, one draw per row from that
+    row's own source), then its centre bin given it, then 4 uniforms per row (`uniform() -> (B, 4)`:
+    presence, and the position inside the r, x and y bins)."""
     c = config
     b, k_slots = p_present.shape
     lo, hi = c.radius_range
@@ -57,18 +58,17 @@ def sample_boxes(config: LayoutConfig, p_present: np.ndarray, radius: Callable, 
     present = np.zeros((b, k_slots), dtype=bool)
     for k in range(k_slots):
         context, r_probs = radius(k, boxes, present)
-        r_bin = np.array([pick(i, r_probs[i]) for i in range(b)], dtype=np.int64)
+        r_bin = pick(r_probs)
         xy_probs = centre(context, r_bin)
         if k and c.min_gap is not None:
             xy_probs = keep_apart(c, xy_probs, boxes[:, :k], present[:, :k], r_bin)
-        for i in range(b):
-            xy = pick(i, xy_probs[i])
-            u = uniform(i)
-            present[i, k] = bool(k == 0 or (u[0] < p_present[i, k] and present[i, k - 1]))
-            r = lo + (int(r_bin[i]) + float(u[1])) * (hi - lo) / c.radius_bins
-            x = (xy % c.grid + float(u[2])) * CANVAS / c.grid
-            y = (xy // c.grid + float(u[3])) * CANVAS / c.grid
-            boxes[i, k] = (x, y, r)
+        xy = pick(xy_probs)
+        u = uniform().astype(np.float64)  # float64 arithmetic below, as Python floats had it (the same boxes)
+        present[:, k] = True if k == 0 else (u[:, 0] < p_present[:, k]) & present[:, k - 1]
+        r = lo + (r_bin + u[:, 1]) * (hi - lo) / c.radius_bins
+        x = (xy % c.grid + u[:, 2]) * CANVAS / c.grid
+        y = (xy // c.grid + u[:, 3]) * CANVAS / c.grid
+        boxes[:, k] = np.stack([x, y, r], -1)
     return boxes, present
 
 
