@@ -21,6 +21,7 @@ import tomllib
 RECIPES = {
     "shapes-diffusion": ["configs/shapes-autoencoder.toml", "configs/shapes-decoder.toml",
                          "configs/shapes-diffusion.toml"],
+    "shapes-gan": ["configs/shapes-gan.toml"],
 }
 PATH_KEYS = {"train": ["out_dir"], "model": ["init_from", "autoencoder_path"]}
 
@@ -57,7 +58,7 @@ def main() -> None:
         config = tomllib.loads(Path(path).read_text())
         overrides = moved_paths(config, root)
         start = time.perf_counter()
-        done = subprocess.run(["xmodal", "train", path, *overrides])
+        done = subprocess.run([sys.executable, "-m", "xmodal", "train", path, *overrides])  # this interpreter's xmodal
         seconds = time.perf_counter() - start
         total += seconds
         out_dir = root / config["train"]["out_dir"].removeprefix("runs/")
