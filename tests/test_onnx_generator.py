@@ -73,6 +73,8 @@ def test_bad_generator_exports_and_options_are_named(gan_export, tmp_path, capsy
     args = ["generate", "a large red circle", "-o", str(tmp_path / "out"), "--runtime", "onnx"]
     assert main([*args, "--model", "shapes-diffusion-fast", "--steps", "4"]) == 2
     assert "drop --steps" in capsys.readouterr().err
+    assert main([*args[:-2], "--model", str(folder), "--steps", "4"]) == 2  # an export folder: no PyTorch to fall back to
+    assert "drop --steps" in capsys.readouterr().err
     assert main([*args, "--model", "shapes-vae"]) == 2
     assert "has no ONNX export" in capsys.readouterr().err
     assert main(["export", "onnx", "shapes-vae", str(tmp_path / "vae")]) == 2

@@ -59,9 +59,7 @@ def find_export(model: str, beam: int | None, require: bool) -> Path | None:
             beam = read_model_meta(export.parent)["config"].get("beam_size", 3)
         if beam not in (None, 1):
             export, reason = None, greedy
-    if export is None and require:
-        raise OnnxExportError(reason)
-    return export
+    return _found_or_why(model, export, reason, require)
 
 
 def find_generator_export(model: str, options_given: bool, require: bool) -> Path | None:
@@ -71,7 +69,13 @@ def find_generator_export(model: str, options_given: bool, require: bool) -> Pat
     if export is not None and options_given:
         export, reason = None, ("--runtime onnx draws as the model was exported: drop --steps, --guidance, --sampler "
                                 "and --negative")
-    if export is None and require:
+    return _found_or_why(model, export, reason, require)
+
+
+def _found_or_why(model: str, export: Path | None, reason: str, require: bool) -> Path | None:
+    """The export, or None for the PyTorch path; the reason is raised with `require`, and for an
+    export folder given as the model, which has no PyTorch model to fall back to."""
+    if export is None and (require or Path(model, "onnx.json").is_file()):
         raise OnnxExportError(reason)
     return export
 
