@@ -53,6 +53,7 @@ def test_cli_errors_are_one_clean_line(models, tmp_path, capsys):
         (["caption", str(tmp_path), "--model", str(models / "gen")], "text-to-image model"),
         (["generate", "a red circle", "--model", str(models / "diff"), "--guidance", "nan"], "guidance"),
         (["generate", "a red circle", "--model", str(models / "diff"), "-n", "1000000000"], "-n must be in"),
+        (["generate", "a red circle", "--model", str(models / "diff"), "--seed", str(10**23)], "--seed must be within"),
         (["generate", "a red circle", "--model", str(models / "diff"), "--steps", "999", "--sampler", "dpm"],
          "steps must be in 1..995 for the dpm sampler"),
         (["train", "configs/shapes-captioner.toml", "--train.steps=abc"], "steps = 'abc' is not of type int"),

@@ -249,6 +249,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"-n must be in 1..{MAX_IMAGES_PER_PROMPT}, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not -2**62 <= args.seed <= 2**62 - len(prompts) * args.n:  # every image's seed, and the layout's 2 s + 7919
+        raise ValueError(f"--seed must be within -2^62 .. 2^62 (less the images to draw), got {args.seed}")
     pipe, options = _generator(args)
     good = _checked_prompts(pipe, prompts, args.strict)
     args.out.mkdir(parents=True, exist_ok=True)
