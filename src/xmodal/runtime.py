@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 
 from xmodal.data.files import read_batches
-from xmodal.data.images import GeneratedImage, Preprocess
+from xmodal.data.images import GeneratedImage, Preprocess, stream_images
 from xmodal.data.text import Vocabulary, word_ids
-from xmodal.models.layout_draws import LayoutConfig, sample_boxes
+from xmodal.models.layout_draws import LayoutConfig, check_length, sample_boxes
 
 EXPORT_SUBFOLDER = "onnx"  # an export inside a model folder, made from its weights
 
@@ -234,9 +234,8 @@ class OnnxGenerator:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rows = word_ids(prompts, self.vocab, strict)
-        longest = max(len(r) for r in rows)
-        if self.layout is not None and longest > self.layout.max_len:
-            raise ValueError(f"the prompt has {longest} tokens; the layout stage reads at most {self.layout.max_len}")
+        if self.layout is not None:
+            check_length(self.layout, max(len(r) for r in rows))
         return [str(w.message) for w in caught]
 
     def encode(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -257,8 +256,7 @@ class OnnxGenerator:
             out["tokens"][group, :length], out["pooled"][group] = tokens, pooled
             out["mask"][group, :length] = True
         if self.layout is not None:
-            if t_max > self.layout.max_len:
-                raise ValueError(f"the prompt has {t_max} tokens; the layout stage reads at most {self.layout.max_len}")
+            check_length(self.layout, t_max)
             pad = ((0, 0), (0, self.layout.max_len - t_max))
             out["slots"], out["p_present"] = self.run("slots", {"tokens": np.pad(out["tokens"], (*pad, (0, 0))),
                                                                "mask": np.pad(out["mask"], pad)})
@@ -301,12 +299,7 @@ class OnnxGenerator:
         none can be given to an export; the argument mirrors the PyTorch pipeline's)."""
         if options is not None and options.given():
             raise OnnxExportError("--runtime onnx draws as the model was exported: it takes no sampler options")
-        jobs = iter(jobs)
-        while chunk := list(itertools.islice(jobs, batch_size)):
-            images = self.render([p for p, _ in chunk], [s for _, s in chunk])
-            yield from (GeneratedImage(p, s, img) for (p, s), img in zip(chunk, images))
-            if progress is not None:
-                progress(len(chunk))
+        return stream_images(self.render, jobs, batch_size, progress)
 
     def __call__(self, prompts: Sequence[str] | str, n: int = 1, seed: int = 0, batch_size: int = 64,
                  options=None) -> list:

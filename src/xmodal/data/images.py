@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
@@ -211,3 +213,15 @@ class GeneratedImage:
     prompt: str
     seed: int
     image: Image.Image
+
+
+def stream_images(render, jobs: Iterable[tuple[str, int]], batch_size: int,
+                  progress: Callable[[int], None] | None = None) -> Iterator[GeneratedImage]:
+    """GeneratedImages for (prompt, seed) jobs as they are made: `render(prompts, seeds)` on
+    `batch_size` jobs at a time, read lazily (a million jobs cost no memory up front)."""
+    jobs = iter(jobs)
+    while chunk := list(itertools.islice(jobs, batch_size)):
+        images = render([p for p, _ in chunk], [s for _, s in chunk])
+        yield from (GeneratedImage(p, s, img) for (p, s), img in zip(chunk, images))
+        if progress is not None:
+            progress(len(chunk))

@@ -47,20 +47,19 @@ CPU_CHUNK = 8
 
 def in_cpu_chunks(fn, x: torch.Tensor):
     """fn(x), computed CPU_CHUNK rows at a time on a CPU; fn returns a tensor or a dict of tensors."""
-    if x.device.type != "cpu" or len(x) <= CPU_CHUNK:
-        return fn(x)
-    parts = [fn(chunk) for chunk in x.split(CPU_CHUNK)]
+    return in_cpu_row_chunks(lambda rows: fn(x[rows]), len(x), x.device)
+
+
+def in_cpu_row_chunks(fn, count: int, device):
+    """fn(rows) over row slices of CPU_CHUNK rows on a CPU, concatenated (tensors, or dicts of
+    tensors key by key); one call with all rows (`slice(None)`) elsewhere or for a few rows, so a
+    traced graph keeps its batch size a variable."""
+    if torch.device(device).type != "cpu" or count <= CPU_CHUNK:
+        return fn(slice(None))
+    parts = [fn(slice(start, start + CPU_CHUNK)) for start in range(0, count, CPU_CHUNK)]
     if isinstance(parts[0], dict):
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     return torch.cat(parts)
-
-
-def in_cpu_row_chunks(fn, count: int, device) -> torch.Tensor:
-    """fn(rows) over row slices of CPU_CHUNK rows on a CPU, concatenated; one call with all rows
-    (`slice(None)`) elsewhere or for a few rows, so a traced graph keeps its batch size a variable."""
-    if torch.device(device).type != "cpu" or count <= CPU_CHUNK:
-        return fn(slice(None))
-    return torch.cat([fn(slice(start, start + CPU_CHUNK)) for start in range(0, count, CPU_CHUNK)])
 
 
 def supports(model, capability: str) -> bool:

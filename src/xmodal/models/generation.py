@@ -17,6 +17,7 @@ from torch import nn
 
 from xmodal.models.base import LAYOUT
 from xmodal.models.layout import LayoutModel, layout_generators
+from xmodal.models.layout_draws import check_length
 from xmodal.models.with_text import WithTextEncoder
 
 
@@ -55,9 +56,8 @@ class TextToImageModel(WithTextEncoder):
     def check_lengths(self, mask: torch.Tensor) -> None:
         """A ValueError when a prompt (a row of the text encoder's mask) is longer than the layout
         stage reads, so that it can be skipped alone before its batch is drawn."""
-        longest = int(mask.sum(1).max()) if mask.numel() else 0
-        if self.layout is not None and longest > self.layout.config.max_len:
-            raise ValueError(f"the prompt has {longest} tokens; the layout stage reads at most {self.layout.config.max_len}")
+        if self.layout is not None and mask.numel():
+            check_length(self.layout.config, int(mask.sum(1).max()))
 
     @property
     def layout_slots(self) -> int:

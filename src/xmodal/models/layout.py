@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmodal.models.layout_draws import CANVAS, LayoutConfig, sample_boxes
+from xmodal.models.layout_draws import CANVAS, LayoutConfig, check_length, sample_boxes
 
 __all__ = ["CANVAS", "LayoutConfig", "LayoutModel", "layout_generators", "paint_boxes"]
 
@@ -66,8 +66,7 @@ class LayoutModel(nn.Module):
     def read(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens (B, T, E), mask (B, T) -> slot features (B, K, D)."""
         b, t, _ = tokens.shape
-        if t > self.config.max_len:
-            raise ValueError(f"the prompt has {t} tokens; the layout stage reads at most {self.config.max_len}")
+        check_length(self.config, t)
         memory = self.memory(tokens) + self.position.weight[:t]  # (B, T, D)
         queries = self.queries.expand(b, -1, -1)  # (B, K, D)
         padding = ~mask.bool()

@@ -43,6 +43,12 @@ class LayoutConfig:
         return self.feature_dim + self.label_channels + 3
 
 
+def check_length(config: LayoutConfig, tokens: int) -> None:
+    """A ValueError when a prompt of `tokens` tokens is longer than the layout stage reads."""
+    if tokens > config.max_len:
+        raise ValueError(f"the prompt has {tokens} tokens; the layout stage reads at most {config.max_len}")
+
+
 def sample_boxes(config: LayoutConfig, p_present: np.ndarray, radius: Callable, centre: Callable,
                  pick: Callable[[np.ndarray], np.ndarray], uniform: Callable[[], np.ndarray]
                  ) -> tuple[np.ndarray, np.ndarray]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
-from xmodal.data.images import GeneratedImage, to_pil
+from xmodal.data.images import GeneratedImage, stream_images, to_pil
 from xmodal.data.text import check_texts
 from xmodal.models.base import SAMPLER_OPTIONS, GenerateOptions, supports
 
@@ -82,12 +81,7 @@ class TextToImagePipeline:
                progress: Callable[[int], None] | None = None) -> Iterator[GeneratedImage]:
         """Images for (prompt, seed) jobs as they are made, `batch_size` at a time; the jobs are read
         lazily, so a million of them cost no memory up front. Prompts already checked."""
-        jobs = iter(jobs)
-        while chunk := list(itertools.islice(jobs, batch_size)):
-            images = self.render([p for p, _ in chunk], [s for _, s in chunk], options)
-            yield from (GeneratedImage(p, s, img) for (p, s), img in zip(chunk, images))
-            if progress is not None:
-                progress(len(chunk))
+        return stream_images(lambda prompts, seeds: self.render(prompts, seeds, options), jobs, batch_size, progress)
 
     def __call__(self, prompts: Sequence[str] | str, n: int = 1, seed: int = 0, **options) -> list[Image.Image]:
         """Generate `n` images per prompt; the same seed gives the same images."""
