@@ -116,6 +116,8 @@ TINY_TEXT = {"kind": "learned", "dim": 16}
 TINY = {  # the smallest real config of each registered model
     "sat-captioner": dict(encoder_width=8, encoder_dim=16, embed_dim=8, decoder_dim=16, attention_dim=8),
     "transformer-captioner": dict(encoder_width=8, encoder_dim=16, d_model=16, n_layers=1, n_heads=2, ff_dim=32),
+    "retrieval-captioner": dict(encoder_width=8, encoder_dim=16, d_model=16, n_layers=1, n_heads=2, ff_dim=32,
+                                memory_size=4, retrieve=2, memory_len=6),
     "cvae": dict(z_dim=4, channels=(16, 8, 8, 4, 4)),
     "dfgan": dict(z_dim=4, channels=(16, 8, 8, 4, 4)),
     "autoencoder": dict(latent_channels=2, channels=(8, 8, 8)),

@@ -21,6 +21,8 @@ CAPTIONERS = [n for n in list_registered() if n.endswith("captioner")]
 TINY = {
     "sat-captioner": dict(encoder_width=8, encoder_dim=16, embed_dim=8, decoder_dim=16, attention_dim=8),
     "transformer-captioner": dict(encoder_width=8, encoder_dim=16, d_model=16, n_layers=1, n_heads=2, ff_dim=32),
+    "retrieval-captioner": dict(encoder_width=8, encoder_dim=16, d_model=16, n_layers=1, n_heads=2, ff_dim=32,
+                                memory_size=8, retrieve=2, memory_len=6),
 }
 
 
@@ -39,7 +41,7 @@ def tiny(name, vocab, **kw):
 
 
 def test_registry_lists_both_captioners_and_rejects_unknown():
-    assert set(CAPTIONERS) == {"sat-captioner", "transformer-captioner"}
+    assert set(CAPTIONERS) == {"sat-captioner", "transformer-captioner", "retrieval-captioner"}
     with pytest.raises(ValueError, match="valid: .*sat-captioner"):
         create_model("no-such-model")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \[.decoder_dimm.\]; valid: .*decoder_dim"):

@@ -27,11 +27,14 @@ def _check_choice(choice: str) -> None:
 
 
 class CaptionCollate:
-    """-> {"images" (B, 3, H, W), "tokens" (B, T)}: <start> words <end>, padded, at most `max_len` words."""
+    """-> {"images" (B, 3, H, W), "tokens" (B, T)}: <start> words <end>, padded, at most `max_len` words.
+    With `memory_rows` ({record "image": row}), also "memory_row" (B,): each picture's own row
+    of a retrieval captioner's memory (-1: none), which it must not read."""
 
-    def __init__(self, vocab: Vocabulary, max_len: int = 20, choice: CaptionChoice = "random"):
+    def __init__(self, vocab: Vocabulary, max_len: int = 20, choice: CaptionChoice = "random",
+                 memory_rows: dict | None = None):
         _check_choice(choice)
-        self.vocab, self.max_len, self.choice = vocab, max_len, choice
+        self.vocab, self.max_len, self.choice, self.memory_rows = vocab, max_len, choice, memory_rows
 
     def __call__(self, items: list) -> dict:
         seqs = []
@@ -41,7 +44,10 @@ class CaptionCollate:
                 ids = [*ids[: self.max_len + 1], self.vocab.end_id]
             seqs.append(torch.tensor(ids))
         tokens = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.vocab.pad_id)
-        return {"images": torch.stack([item[0] for item in items]), "tokens": tokens}
+        batch = {"images": torch.stack([item[0] for item in items]), "tokens": tokens}
+        if self.memory_rows is not None:
+            batch["memory_row"] = torch.tensor([self.memory_rows.get(item[2].get("image"), -1) for item in items])
+        return batch
 
 
 class GenerationCollate:

@@ -27,6 +27,7 @@ class Captioner(PretrainedModel):
 
     task = "image-to-text"
     parts: ClassVar[tuple[str, ...]] = ("vocab",)
+    retrieves: ClassVar[bool] = False  # reads a memory of training captions (xmodal.models.retrieval_captioner)
 
     def __init__(self, config, vocab: Vocabulary | None = None):
         super().__init__(config)
@@ -61,6 +62,10 @@ class Captioner(PretrainedModel):
         # the weights file carries the encoder's weights; a local path would not travel with the folder
         return {**dataclasses.asdict(self.config), "encoder_weights": None}
 
+    def forward_batch(self, batch: dict, tokens: torch.Tensor):
+        """(logits (B, T-1, V), auxiliary loss) for a training batch with these input words."""
+        return self(batch["images"], tokens)
+
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         tokens = batch["tokens"]  # (B, T) <start> ... <end> <pad>...
         inputs = tokens
@@ -70,7 +75,7 @@ class Captioner(PretrainedModel):
             # reads the image instead of guessing from the words so far (helps unseen combinations)
             hide = (torch.rand(tokens.shape, device=tokens.device) < p) & (tokens > Vocabulary.end_id)
             inputs = tokens.masked_fill(hide, Vocabulary.unk_id)
-        logits, aux = self(batch["images"], inputs)  # (B, T-1, V)
+        logits, aux = self.forward_batch(batch, inputs)  # (B, T-1, V)
         target = tokens[:, 1:]
         xent = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
                                ignore_index=Vocabulary.pad_id, label_smoothing=self.config.label_smoothing)

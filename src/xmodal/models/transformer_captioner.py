@@ -119,6 +119,11 @@ class TransformerCaptioner(Captioner):
         return {"memory": self.memory_proj(features) + self.region_pos[:n]}  # (B, N, d)
 
     def _decode(self, memory: torch.Tensor, tokens: torch.Tensor, need_weights: bool = False):
+        hidden, weights = self._hidden(memory, tokens, need_weights)
+        return self.head(hidden), weights  # (B, T, V), (B, T, N) | None
+
+    def _hidden(self, memory: torch.Tensor, tokens: torch.Tensor, need_weights: bool = False):
+        """The decoder's normed output at every position, (B, T, d), before the word head."""
         t = tokens.size(1)
         if t > self.token_pos.size(0):
             raise ValueError(f"{t} tokens exceed this model's max_len + 2 = {self.token_pos.size(0)}")
@@ -127,7 +132,7 @@ class TransformerCaptioner(Captioner):
         weights = None
         for i, block in enumerate(self.blocks):
             x, weights = block(x, memory, mask, need_weights=need_weights and i == len(self.blocks) - 1)
-        return self.head(self.norm(x)), weights  # (B, T, V), (B, T, N) | None
+        return self.norm(x), weights
 
     def init_state(self, memory: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The decoding state: per layer, the cross-attention keys/values over the memory (computed
@@ -143,6 +148,11 @@ class TransformerCaptioner(Captioner):
 
     def step(self, state: dict, tokens: torch.Tensor):
         """One word for every row: O(t) with the cache, where re-running the prefix is O(t^2)."""
+        hidden, new, weights = self._step_hidden(state, tokens)
+        return self.head(hidden).float().log_softmax(-1), new, weights
+
+    def _step_hidden(self, state: dict, tokens: torch.Tensor):
+        """The decoder's normed output for the next position (B, d), the new state, the weights."""
         t = state["k0"].size(2)
         if t >= self.token_pos.size(0):
             raise ValueError(f"{t + 1} tokens exceed this model's max_len + 2 = {self.token_pos.size(0)}")
@@ -152,8 +162,7 @@ class TransformerCaptioner(Captioner):
             x, new[f"k{i}"], new[f"v{i}"], weights = block.step(x, state[f"k{i}"], state[f"v{i}"],
                                                                 state[f"cross_k{i}"], state[f"cross_v{i}"])
             new[f"cross_k{i}"], new[f"cross_v{i}"] = state[f"cross_k{i}"], state[f"cross_v{i}"]
-        logits = self.head(self.norm(x[:, 0]))
-        return logits.float().log_softmax(-1), new, weights
+        return self.norm(x[:, 0]), new, weights
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         memory = self.encode_images(images)["memory"]

@@ -24,7 +24,7 @@ DATA_DEFAULTS: dict[str, object] = {}  # [data] defaults of this task
 
 def build(name: str, values: dict, data: TrainData, seed: int):
     """A complete captioner: its vocabulary from the training captions, `max_len` from `[data]`."""
-    from xmodal.models.registry import create_model
+    from xmodal.models.registry import create_model, get_model_class
 
     given = values.get("max_len")
     if given is not None and given != data.config.max_len:
@@ -32,14 +32,45 @@ def build(name: str, values: dict, data: TrainData, seed: int):
                           "the captioner decodes as many words as it trains on; set [data] max_len only")
     vocab = Vocabulary.build(data.captions(), min_freq=data.config.min_freq)
     torch.manual_seed(seed)  # same initial weights on every run of this config
+    retrieves = get_model_class(name).retrieves
+    if retrieves:
+        values = {**values, "memory_size": len(data.train.records)}
     try:
-        return create_model(name, **{**values, "max_len": data.config.max_len}, vocab=vocab)
+        model = create_model(name, **{**values, "max_len": data.config.max_len}, vocab=vocab)
     except ValueError as e:
         raise ConfigError(f"[model]: {e}") from None
+    if retrieves:
+        _fill_memory(model, data)
+    return model
+
+
+def _fill_memory(model, data: TrainData) -> None:
+    """A retrieval captioner's memory: its (copied, frozen) image encoder's features of every
+    training picture, as evaluation preprocesses it, beside the picture's first caption."""
+    from xmodal.data.images import make_transform
+    from xmodal.models.hub import ModelLoadError, load_model
+    from xmodal.pipelines.image_to_text import to_image
+
+    source = model.config.encoder_from
+    if source is None:
+        raise ConfigError("[model] retrieval-captioner needs encoder_from = '<trained captioner>': its image "
+                          "encoder is frozen, so it must come trained")
+    try:
+        encoder = load_model(source).image_encoder.state_dict()
+        model.image_encoder.load_state_dict(encoder)
+    except (ModelLoadError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"[model] encoder_from {source!r}: {e}") from None
+    transform, images = make_transform(model.config.image_preset), stored_images(data.train)
+    model.eval()
+    with torch.no_grad():
+        keys = torch.cat([model.image_features(torch.stack([transform(to_image(im)) for im in images[i:i + 256]]))
+                          for i in range(0, len(images), 256)])
+    model.fill_memory(keys, [r["captions"][0] for r in data.train.records])
 
 
 def collate(model, data: TrainData) -> CaptionCollate:
-    return CaptionCollate(model.vocab, data.config.max_len, data.config.captions)
+    rows = {r["image"]: i for i, r in enumerate(data.train.records)} if model.retrieves else None
+    return CaptionCollate(model.vocab, data.config.max_len, data.config.captions, memory_rows=rows)
 
 
 def measure(pipeline, records: Sequence[dict], images: Sequence, beam: int = 1, meteor: bool = False,
