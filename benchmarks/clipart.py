@@ -2,7 +2,7 @@
 
     python benchmarks/clipart.py import [--source /usr/share/openclipart/svg] [--out /tmp/clipart-bench]
     python benchmarks/clipart.py clip [--models clipart-clip runs/clipart-clip-learned/best] [--data data/openclipart]
-    python benchmarks/clipart.py captioner [--model clipart-captioner] [--data data/openclipart]
+    python benchmarks/clipart.py captioner [--model clipart-captioner] [--beam N] [--data data/openclipart]
     python benchmarks/clipart.py generator --model M [--clip clipart-clip] [--data data/openclipart]
     python benchmarks/clipart.py sheet [--out out/clipart-results.png]     (the README's results sheet)
 
@@ -99,6 +99,7 @@ def bench_captioner(args) -> dict:
     data = Path(args.data)
     train, test = CaptionDataset(data, "train"), CaptionDataset(data, "test")
     pipe = xmodal.load(args.model)
+    args.beam = args.beam or pipe.options.beam_size  # the model's own decoding unless told
     start = time.perf_counter()
     measured = captioning.measure(pipe, test.records, stored_images(test), beam=args.beam, meteor=True)
     seconds = time.perf_counter() - start
@@ -168,7 +169,7 @@ def results_sheet(args) -> dict:
     picked = list(range(0, len(test), max(1, len(test) // args.drawings)))[: args.drawings]
     captioner = xmodal.load(args.captioner)
     paths = [test.image(i) for i in picked]
-    written = captioner(paths, method="beam", beam_size=3)
+    written = captioner(paths)  # the model's own decoding
     for i, path, caption in zip(picked, paths, written):
         images.append(load_image(path))
         labels.append([f"title: {test.records[i]['captions'][0]}", f"says: {caption}"])
@@ -190,7 +191,7 @@ def main() -> None:
     cap = sub.add_parser("captioner")
     cap.add_argument("--model", default="clipart-captioner")
     cap.add_argument("--data", default="data/openclipart")
-    cap.add_argument("--beam", type=int, default=3)
+    cap.add_argument("--beam", type=int, help="beam size (default: the model's own decoding)")
     gen = sub.add_parser("generator")
     gen.add_argument("--model", required=True)
     gen.add_argument("--clip", default="clipart-clip")

@@ -170,3 +170,55 @@ def test_recipe_copies_a_trained_encoder_and_fills_the_memory(tmp_path, capsys):
     keys = load_pipeline(tmp_path / "first" / "model", "image-to-text").image_features(stored_images(train))
     torch.testing.assert_close(ra.memory_keys, keys, atol=1e-5, rtol=0)
     assert words(ra, ra.memory_tokens[0].long())[:-1] == train.records[0]["captions"][0].split()[:6]
+
+
+def test_a_retrieved_caption_replaces_the_decoded_one_only_when_it_scores_higher_per_word(data):
+    """A decoded caption that scores worse per word than a retrieved one gives way to it (its score
+    is its summed log-probability, as the decoder itself computes it); a perfect one stays; a
+    retrieved caption that breaks the decoding's rules never enters; `prefer_retrieved=False` keeps
+    the search's caption."""
+    from xmodal.models.decoding import Decoded, DecodeOptions, _allowed, decode
+
+    images, vocab = data
+    model = filled(data, retrieve=1)
+    allowed = lambda ids: _allowed(ids, DecodeOptions("greedy", 1, max_len=8))  # noqa: E731
+    with torch.no_grad():
+        memory = model.encode_images(images)
+        poor = [Decoded([4, 5], -100.0, True) for _ in CAPTIONS]
+        chosen = model.rescore(memory, poor, allowed)
+        batch = CaptionCollate(vocab, choice="first")([(im, [c], {}) for im, c in zip(images, CAPTIONS)])
+        full, _ = model(images, batch["tokens"])
+    expected = (full.gather(2, batch["tokens"][:, 1:, None])[..., 0] * (batch["tokens"][:, 1:] != 0)).sum(1)
+    assert [" ".join(vocab.words[i] for i in d.tokens) for d in chosen] == CAPTIONS  # each its own row's title
+    torch.testing.assert_close(torch.tensor([d.score for d in chosen]), expected, atol=1e-4, rtol=0)
+    perfect = [Decoded([4, 5], 0.0, True) for _ in CAPTIONS]
+    assert model.rescore(memory, perfect, allowed) == perfect
+    one_word = model.rescore(memory, poor, lambda ids: len(ids) <= 1)
+    assert [d.tokens for d in one_word] == [
+        d.tokens if len(c.split()) > 1 else chosen[i].tokens for i, (d, c) in enumerate(zip(poor, CAPTIONS))]
+    model.config.prefer_retrieved = False
+    assert model.rescore(memory, poor, allowed) == poor
+    model.config.prefer_retrieved = True
+    with torch.no_grad():  # through decode: the rules hold for whatever is chosen
+        assert all(len(d.tokens) <= 1 for d in decode(model, images, DecodeOptions("greedy", 1, max_len=1)))
+
+
+def test_export_refuses_a_retrieval_captioner(data, tmp_path):
+    from xmodal.export import export_onnx
+
+    filled(data).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="retrieval captioner"):
+        export_onnx(tmp_path / "m", tmp_path / "onnx")
+
+
+def test_runtime_onnx_names_why_a_retrieval_captioner_has_no_export(data, tmp_path, capsys):
+    from xmodal.cli import main
+
+    filled(data).save_pretrained(tmp_path / "m")
+    picture = tmp_path / "p.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(picture)
+    assert main(["caption", str(picture), "--model", str(tmp_path / "m"), "--runtime", "onnx"]) == 2
+    assert "is a retrieval-captioner: it has no ONNX export" in capsys.readouterr().err
+    assert main(["caption", str(picture), "--model", str(tmp_path / "m")]) == 0  # auto: PyTorch

@@ -86,6 +86,9 @@ def export_onnx(name_or_dir: str | Path, out: str | Path) -> dict:
         return _export_generator(model, name_or_dir, Path(out))
     if model.task != "image-to-text":
         raise ValueError(f"{name_or_dir} is a {model.task} model; xmodal export onnx exports captioners and generators")
+    if model.retrieves:
+        raise ValueError(f"{name_or_dir} is a retrieval captioner: its choice between the decoded caption and the "
+                         "retrieved ones is not in the ONNX graphs; caption with PyTorch")
     out = _prepare(Path(out))
     images = _sample_images(model.config.image_preset, 3)
     with torch.no_grad():

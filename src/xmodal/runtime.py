@@ -32,6 +32,7 @@ from xmodal.data.text import Vocabulary, word_ids
 from xmodal.models.layout_draws import LayoutConfig, check_length, sample_boxes
 
 EXPORT_SUBFOLDER = "onnx"  # an export inside a model folder, made from its weights
+NOT_EXPORTABLE = ("retrieval-captioner",)  # its choice among retrieved captions is not in the graphs (xmodal.export)
 
 
 class OnnxExportError(ValueError):
@@ -82,13 +83,15 @@ def _found_or_why(model: str, export: Path | None, reason: str, require: bool) -
 
 def _locate(model: str, task: str) -> tuple[Path | None, str]:
     """(the export, "") or (None, why there is none) for `--model model` and a task."""
-    from xmodal.models.folders import resolve_model_dir
+    from xmodal.models.folders import read_model_meta, resolve_model_dir
 
     if Path(model, "onnx.json").is_file():  # an export folder: there is no PyTorch model to fall back to
         _read_meta(Path(model), task)
         return Path(model), ""
     folder = resolve_model_dir(model)
     export = folder / EXPORT_SUBFOLDER
+    if read_model_meta(folder)["model"] in NOT_EXPORTABLE:
+        return None, f"{model} is a {read_model_meta(folder)['model']}: it has no ONNX export (caption with PyTorch)"
     if not (export / "onnx.json").is_file():
         return None, (f"{model} has no ONNX export: run `xmodal export onnx {model} OUT` and give --model OUT, "
                       f"or export to {export}")

@@ -93,10 +93,36 @@ def decode(model, images: torch.Tensor, options: DecodeOptions | None = None,
            generator: torch.Generator | None = None, return_attention: bool = False) -> list[Decoded]:
     """Caption a batch of preprocessed images (B, 3, H, W)."""
     options = options or DecodeOptions()
-    state = model.init_state(in_cpu_chunks(model.encode_images, images))
+    memory = in_cpu_chunks(model.encode_images, images)
+    state = model.init_state(memory)
     if options.method == "beam" and options.beam_size > 1:
-        return _beam(model, state, options, return_attention)
-    return _left_to_right(model, state, options, generator, return_attention)
+        decoded = _beam(model, state, options, return_attention)
+    else:
+        decoded = _left_to_right(model, state, options, generator, return_attention)
+    if isinstance(model, Rescorer) and options.method != "sample":
+        decoded = model.rescore(memory, decoded, lambda ids: _allowed(ids, options), return_attention)
+    return decoded
+
+
+class Rescorer:
+    """A captioner that reconsiders what the search found (the retrieval captioner: its retrieved
+    captions, whole, compete with the decoded one): `decode` hands it its result."""
+
+    def rescore(self, memory: dict, decoded: list[Decoded], allowed, return_attention: bool) -> list[Decoded]:
+        raise NotImplementedError
+
+
+def _allowed(ids: list[int], options: DecodeOptions) -> bool:
+    """Whether a whole caption (word ids) keeps the rules the search keeps."""
+    if not options.min_len <= len(ids) <= options.max_len:
+        return False
+    if any(i in (Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.end_id, Vocabulary.unk_id) for i in ids):
+        return False
+    if options.block_consecutive_repeats and any(a == b for a, b in zip(ids, ids[1:])):
+        return False
+    n = options.no_repeat_ngram
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)] if n else []
+    return len(grams) == len(set(grams))
 
 
 def _left_to_right(model, state, options, generator, return_attention) -> list[Decoded]:
