@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # torch is imported where it is used: the ONNX runtime's path
 MAX_PIXELS = 89_478_485  # Pillow's default bomb limit; larger images are refused
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
+
 class ImageLoadError(ValueError):
     """An image that cannot be used, with the file named in the message."""
 
@@ -41,7 +44,8 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, max_s
                 if max_side is not None and max(img.size) > max_side:
                     img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
                     img.thumbnail((max_side, max_side))
-                img = ImageOps.exif_transpose(img)
+                if img.getexif().get(ORIENTATION, 1) != 1:  # turned as the camera held it (a copy; else none)
+                    img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
     except FileNotFoundError:
         raise ImageLoadError(f"{label}: no such file") from None
