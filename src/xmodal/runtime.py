@@ -90,8 +90,9 @@ def _locate(model: str, task: str) -> tuple[Path | None, str]:
         return Path(model), ""
     folder = resolve_model_dir(model)
     export = folder / EXPORT_SUBFOLDER
-    if read_model_meta(folder)["model"] in NOT_EXPORTABLE:
-        return None, f"{model} is a {read_model_meta(folder)['model']}: it has no ONNX export (caption with PyTorch)"
+    kind = read_model_meta(folder)["model"]
+    if kind in NOT_EXPORTABLE:
+        return None, f"{model} is a {kind}: it has no ONNX export (caption with PyTorch)"
     if not (export / "onnx.json").is_file():
         return None, (f"{model} has no ONNX export: run `xmodal export onnx {model} OUT` and give --model OUT, "
                       f"or export to {export}")

@@ -16,7 +16,8 @@ https://arxiv.org/abs/1704.04368):
   words included, while an unfamiliar one is described from the picture.
 
 In training a picture never retrieves its own memory row (the collate names the row), as a
-test picture cannot, and looks up its neighbours as its unaugmented self. The encoder comes from a trained captioner (`encoder_from`) and is frozen.
+test picture cannot, and looks up its neighbours as its unaugmented self. The encoder comes
+from a trained captioner (`encoder_from`) and is frozen.
 """
 
 from __future__ import annotations

@@ -47,9 +47,8 @@ def build(name: str, values: dict, data: TrainData, seed: int):
 def _fill_memory(model, data: TrainData) -> None:
     """A retrieval captioner's memory: its (copied, frozen) image encoder's features of every
     training picture, as evaluation preprocesses it, beside the picture's first caption."""
-    from xmodal.data.images import make_transform
     from xmodal.models.hub import ModelLoadError, load_model
-    from xmodal.pipelines.image_to_text import to_image
+    from xmodal.pipelines import pipeline_for
 
     source = model.config.encoder_from
     if source is None:
@@ -60,11 +59,7 @@ def _fill_memory(model, data: TrainData) -> None:
         model.image_encoder.load_state_dict(encoder)
     except (ModelLoadError, ValueError, RuntimeError) as e:
         raise ConfigError(f"[model] encoder_from {source!r}: {e}") from None
-    transform, images = make_transform(model.config.image_preset), stored_images(data.train)
-    model.eval()
-    with torch.no_grad():
-        keys = torch.cat([model.image_features(torch.stack([transform(to_image(im)) for im in images[i:i + 256]]))
-                          for i in range(0, len(images), 256)])
+    keys = pipeline_for(model).image_features(stored_images(data.train))  # as the nearest-neighbour baseline sees them
     model.fill_memory(keys, [r["captions"][0] for r in data.train.records])
 
 
