@@ -2,8 +2,8 @@
 
     xmodal data fashion-mnist data/fashion-mnist          # once (Debian's dataset-fashion-mnist)
     python benchmarks/fashion.py captioner [--model fashion-captioner] [--bf16]
-    python benchmarks/fashion.py generator [--model fashion-generator] [--count 1000]
-    python benchmarks/fashion.py compare [--models fashion-generator,fashion-gan]   # one row per generator
+    python benchmarks/fashion.py generator [--model fashion-generator (= fashion-gan)] [--count 1000]
+    python benchmarks/fashion.py compare [--models fashion-cvae,fashion-gan]   # one row per generator
     python benchmarks/fashion.py shards [--steps 150]     # steps/s from shards against a folder
 
 captioner: the class the caption names on all 10,000 test images (greedy), per class, and
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/fashion-mnist", help="the prepared Fashion-MNIST folder")
     parser.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="idx files (shards)")
     parser.add_argument("--count", type=int, default=1000, help="generator: test records drawn")
-    parser.add_argument("--models", default="fashion-generator,fashion-gan", help="compare: generators, comma-separated")
+    parser.add_argument("--models", default="fashion-cvae,fashion-gan", help="compare: generators, comma-separated")
     parser.add_argument("--grid", help="generator: write the 16-seed grid per class to this PNG")
     parser.add_argument("--steps", type=int, default=150, help="shards: training steps per source")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """GAN against VAE against diffusion, on both data sets, in one table: quality, speed, training time.
 
     python benchmarks/generators.py [--shapes shapes-gan,shapes-vae,shapes-diffusion-fast]
-        [--fashion fashion-gan,fashion-generator] [--count 300] [--fashion-count 1000] [--markdown]
+        [--fashion fashion-gan,fashion-cvae] [--count 300] [--fashion-count 1000] [--markdown]
         [--grid DIR]   (also 16 seeds of four Shapes prompts per Shapes model: DIR/MODEL-seeds.png)
 
 Shapes: fresh test and novel prompts (canonical and paraphrased), scene accuracy read back by
@@ -86,7 +86,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="shapes-gan,shapes-vae,shapes-diffusion-fast")
-    parser.add_argument("--fashion", default="fashion-gan,fashion-generator")
+    parser.add_argument("--fashion", default="fashion-gan,fashion-cvae")
     parser.add_argument("--count", type=int, default=300, help="Shapes prompts per split")
     parser.add_argument("--fashion-count", type=int, default=1000, help="Fashion-MNIST test records drawn")
     parser.add_argument("--data", default="data/fashion-mnist", help="the prepared Fashion-MNIST folder")

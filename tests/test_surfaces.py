@@ -37,8 +37,23 @@ def test_bundled_captioner_is_listed_and_reads_shapes(capsys):
 
 
 def test_unknown_model_name_lists_bundled():
-    with pytest.raises(ValueError, match="bundled: .*shapes-captioner"):
+    with pytest.raises(ValueError, match="bundled: .*fashion-generator.*shapes-captioner"):
         xmodal.load("no-such-model")
+
+
+def test_a_default_name_stands_for_the_bundled_model_measured_best(tmp_path, monkeypatch, capsys):
+    from xmodal.models.folders import ALIASES, BUNDLED_DIR, resolve_model_dir
+
+    assert ALIASES["fashion-generator"] == "fashion-gan"
+    assert resolve_model_dir("fashion-generator") == BUNDLED_DIR / "fashion-gan"
+    models = {m["name"]: m for m in xmodal.list_models()}
+    assert models["fashion-generator"]["alias_of"] == "fashion-gan" and "alias_of" not in models["fashion-gan"]
+    assert models["fashion-generator"]["quality"] == models["fashion-gan"]["quality"]
+    assert main(["models"]) == 0 and "fashion-generator (= fashion-gan)" in capsys.readouterr().out
+    (tmp_path / "fashion-generator").mkdir()  # a folder of that name here: still the bundled one, with a warning
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="give ./fashion-generator for the folder"):
+        assert resolve_model_dir("fashion-generator") == BUNDLED_DIR / "fashion-gan"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from xmodal.models.hub import BUNDLED_DIR, bundled_models, read_model_meta
+from xmodal.models.folders import bundled_names, read_model_meta, resolve_model_dir
 
 
 def load(name_or_dir: str | Path, device: str | torch.device = "cpu"):
@@ -28,11 +28,16 @@ def _card_quality(card: str) -> dict:
 
 
 def list_models() -> list[dict]:
-    """Every bundled model: name, task, registry model and the quality its card reports."""
+    """Every bundled model: name, task, registry model and the quality its card reports; an
+    alias (a task's default name) also names the model it stands for (`alias_of`)."""
     out = []
-    for name in bundled_models():
-        meta = read_model_meta(name)
-        card = (BUNDLED_DIR / name / "README.md")
+    for name in bundled_names():
+        folder = resolve_model_dir(name)
+        meta = read_model_meta(folder)
+        card = folder / "README.md"
         quality = _card_quality(card.read_text()) if card.is_file() else {}
-        out.append({"name": name, "task": meta.get("task", "?"), "model": meta["model"], "quality": quality})
+        entry = {"name": name, "task": meta.get("task", "?"), "model": meta["model"], "quality": quality}
+        if folder.name != name:
+            entry["alias_of"] = folder.name
+        out.append(entry)
     return out

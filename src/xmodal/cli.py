@@ -436,7 +436,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print("no bundled models")
     for m in models:
         quality = ", ".join(f"{k}={v}" for k, v in m.get("quality", {}).items()) or "-"
-        print(f"{m['name']:<30} {m['task']:<21} {m['model']:<22} {quality}")
+        name = f"{m['name']} (= {m['alias_of']})" if "alias_of" in m else m["name"]
+        print(f"{name:<34} {m['task']:<21} {m['model']:<22} {quality}")
     return 0
 
 

@@ -33,7 +33,7 @@ SPLITS = ("train", "val", "test", "all")
 # last three of each are synonyms and descriptions: with a pretrained text encoder they give each
 # class a wider patch of sentence space, so unseen words land nearer their class. They were
 # chosen with the validation prompts below (VAL_NOVEL_PROMPTS: nearest training caption in
-# MiniLM space right for 45% of them with the first three templates, 70% with all six); the
+# MiniLM space right for 45% of them with the first three templates, 60% with all six); the
 # test prompts (NOVEL_PROMPTS) were not used to choose them.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "t-shirt/top": ("a t-shirt", "a photo of a t-shirt", "a short-sleeved t-shirt",

@@ -20,6 +20,7 @@ rebuilds the encoder when a model folder is loaded.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,17 @@ class TextEncoderConfig:
     mlm_steps: int = 300
     words: list[str] | None = None  # filled at training time (learned, word2vec)
     bert_config: dict | None = None  # filled at training time (bert)
+    # a frozen bert: read a prompt that is no training caption as the training caption nearest to
+    # it in sentence space (the caption set of a data set whose captions are a few templates)
+    snap: bool = False
+    snap_captions: list[str] | None = None  # filled at training time (snap): the distinct training captions
 
     def __post_init__(self):
         if self.kind not in TEXT_ENCODERS:
             raise ValueError(f"unknown text encoder kind {self.kind!r}; valid: {TEXT_ENCODERS}")
+        if self.snap and (self.kind != "bert" or self.trainable):
+            raise ValueError("snap reads prompts as their nearest training caption through a frozen "
+                             "pretrained encoder: it needs kind = \"bert\" and trainable = false")
 
     @property
     def width(self) -> int:
@@ -159,6 +167,8 @@ class BertTextEncoder(nn.Module):
         self.bert.requires_grad_(self.trainable)
         self._cache: dict[str, tuple] = {}  # frozen: text -> (tokens, pooled, has unknown word pieces)
         self._cache_key: tuple | None = None  # the device and weights version the cache was made with
+        self._snap_keys: torch.Tensor | None = None  # (K, D) unit sentence vectors of spec.snap_captions
+        self._snap_set = frozenset(spec.snap_captions or ())
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -188,12 +198,47 @@ class BertTextEncoder(nn.Module):
         texts = check_texts(texts)
         if self.trainable:
             return self._encode(texts, strict)
-        # frozen: each distinct text is encoded once, in fp32 (outside any autocast), and kept;
-        # unknown words were reported when the text was first encoded, and are again when strict
+        if self.spec.snap:
+            texts = self.snap(texts, strict)
+        return self._frozen(texts, strict)
+
+    def snap(self, texts: Sequence[str], strict: bool = False) -> list[str]:
+        """Each text as the training caption nearest to it by cosine of sentence vectors (itself
+        when it is one); each one read as another caption is named in a warning."""
+        texts = check_texts(texts)
+        new = list(dict.fromkeys(t for t in texts if t not in self._snap_set))
+        if not new:
+            return texts
+        if not self.spec.snap_captions:
+            raise ValueError("snap: this encoder has no snap_captions (filled at training time)")
+        pooled = nn.functional.normalize(self._frozen(new, strict)[2], dim=-1)
+        nearest = (pooled @ self._snap_vectors().T).argmax(1).tolist()
+        read_as = {t: self.spec.snap_captions[j] for t, j in zip(new, nearest)}
+        for t in new:
+            warnings.warn(f"{t!r} is drawn as {read_as[t]!r}, the training caption nearest to it", stacklevel=3)
+        return [read_as.get(t, t) for t in texts]
+
+    def _snap_vectors(self) -> torch.Tensor:
+        """The training captions' unit sentence vectors, (K, D), computed once (per weights version)."""
+        self._renew_cache()
+        if self._snap_keys is None:
+            chunks = []
+            with torch.no_grad(), torch.autocast(self.bert.device.type, enabled=False):
+                for start in range(0, len(self.spec.snap_captions), 256):
+                    chunks.append(self._encode(self.spec.snap_captions[start:start + 256], False)[2].float())
+            self._snap_keys = nn.functional.normalize(torch.cat(chunks), dim=-1)
+        return self._snap_keys
+
+    def _renew_cache(self) -> None:
         weight = self.bert.embeddings.word_embeddings.weight
         key = (weight.device, weight._version, weight.data_ptr())  # moved or reloaded weights: a new cache
         if key != self._cache_key:
-            self._cache, self._cache_key = {}, key
+            self._cache, self._cache_key, self._snap_keys = {}, key, None
+
+    def _frozen(self, texts: list[str], strict: bool):
+        """Frozen: each distinct text is encoded once, in fp32 (outside any autocast), and kept;
+        unknown words were reported when the text was first encoded, and are again when strict."""
+        self._renew_cache()
         cache = self._cache
         cached_unknown = [t for t in dict.fromkeys(texts) if t in cache and cache[t][2]]
         if cached_unknown:  # reported again each time, as an uncached text's are

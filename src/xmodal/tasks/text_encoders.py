@@ -112,6 +112,9 @@ def prepare_text_encoder(spec: TextEncoderConfig | dict, captions: Sequence[str]
     return encoder, spec
 
 
+MAX_SNAP_CAPTIONS = 20_000  # distinct training captions a snapping encoder keeps (one sentence vector each)
+
+
 def _prepare_bert(spec: TextEncoderConfig, captions: Sequence[str], seed: int, log,
                   work_dir: str | Path | None) -> tuple[nn.Module, TextEncoderConfig]:
     source = _resolve_source(spec.source)
@@ -127,6 +130,11 @@ def _prepare_bert(spec: TextEncoderConfig, captions: Sequence[str], seed: int, l
     if pretrained.config.model_type != "bert":
         raise ValueError(f"{source}: a {pretrained.config.model_type} checkpoint; the bert encoder needs a BERT")
     spec.bert_config = json.loads(pretrained.config.to_json_string())
+    if spec.snap:
+        spec.snap_captions = sorted(set(captions))
+        if len(spec.snap_captions) > MAX_SNAP_CAPTIONS:
+            raise ValueError(f"snap reads every prompt as one of the training captions; {len(spec.snap_captions):,} "
+                             f"distinct ones are more than {MAX_SNAP_CAPTIONS:,}: free captions need no snapping")
     encoder = BertTextEncoder(spec)
     missing, _ = encoder.bert.load_state_dict(pretrained.state_dict(), strict=False)
     if missing:
