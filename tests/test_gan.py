@@ -149,3 +149,21 @@ def test_bundled_shapes_gan_draws_what_its_prompts_ask_in_one_pass():
     assert accuracy["scene_accuracy"] >= 0.75  # a trained generator, read by the independent pixel judge
     seeds = [np.asarray(im, np.float32) for im in pipe(["a large red circle"], n=4, seed=0)]
     assert min(np.abs(a - b).mean() for i, a in enumerate(seeds) for b in seeds[i + 1:]) > 1.0  # no one picture per prompt
+
+
+def test_layout_only_reads_the_text_through_the_layout_map_alone():
+    """With `layout_only`, G and D never see the sentence vector: the same layout and noise give
+    the same picture whatever sentence vector comes with them."""
+    from xmodal.models.layout import LayoutConfig
+
+    with pytest.raises(ValueError, match="layout_only .* needs a layout stage"):
+        tiny_gan(layout_only=True)
+    model = tiny_gan(layout_only=True, layout=LayoutConfig(slots=2, dim=16, heads=2, layers=1, feature_dim=0,
+                                                           labels={"side": ["left", "right"]})).eval()
+    tokens, mask, pooled = model.encode_text(list(PROMPTS))
+    layout = model.sample_layout(tokens, mask.bool(), [0, 1])
+    noise = model.noise([0, 1], model.noise_shape, pooled.device)
+    with torch.no_grad():
+        drawn = model.draw(noise, tokens, mask, pooled, layout)
+        assert torch.equal(drawn, model.draw(noise, tokens, mask, torch.randn_like(pooled), layout))
+        assert not torch.equal(drawn, model.draw(noise, tokens, mask, pooled, model.sample_layout(tokens, mask.bool(), [5, 6])))

@@ -60,6 +60,9 @@ class DFGANConfig:
     d_residual_init: float = 0.0  # the start of each D block's learned residual weight (DF-GAN: 0, D linear at first)
     map_projection: bool = False  # D reads the layout map by projection only, not beside the image (see Discriminator)
     patch_grid: int = 0  # > 0: D also scores a grid x grid map of patches (PatchGAN, Isola et al. 2017), its own hinge term
+    # with a layout stage: G and D read the text only through the layout map (boxes, one-hot labels,
+    # slot features), never the sentence vector, which ties a colour to the shapes it came with
+    layout_only: bool = False
 
 
 class Affine(nn.Module):
@@ -208,6 +211,8 @@ class DFGAN(TextToImageModel):
             raise ValueError(f"temperature must be > 0 (the std of z when generating), got {config.temperature}")
         if config.mode_seeking < 0 or config.sentence_dim < 0:
             raise ValueError(f"mode_seeking and sentence_dim must be >= 0, got {config.mode_seeking} and {config.sentence_dim}")
+        if config.layout_only and config.layout is None:
+            raise ValueError("layout_only reads the text through the layout map: it needs a layout stage")
         self.map_sizes = tuple(sizes[1:])  # where the generator blocks read the layout map
         e = self.text_encoder.out_dim
         m = self.layout.config.channels if self.layout is not None else 0
@@ -231,6 +236,7 @@ class DFGAN(TextToImageModel):
         images, texts = batch["images"], batch["texts"]
         b = images.size(0)
         tokens, mask, sentence = self.encode_text(texts)  # (B, T, E), (B, T), (B, E)
+        sentence = self._sentence(sentence)
         maps, layout_nll, full = None, None, None
         if self.layout is not None:  # the true boxes, painted at 8..S px; the discriminator reads the S px map
             maps, layout_nll = self.layout_maps(tokens, mask, self.map_sizes, batch=batch)
@@ -294,6 +300,10 @@ class DFGAN(TextToImageModel):
         ratio = (fake - fake2).abs().mean((1, 2, 3)) / (z - z2).abs().mean(1)
         return self.config.mode_seeking / (ratio.mean() + 1e-5)
 
+    def _sentence(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The sentence vector G and D read: zeros with `layout_only` (the layout map says it all)."""
+        return torch.zeros_like(pooled) if self.config.layout_only else pooled
+
     def on_train_step(self, step: int) -> None:
         self.step.fill_(step)
 
@@ -307,10 +317,10 @@ class DFGAN(TextToImageModel):
 
     def draw(self, noise, tokens, mask, pooled, layout=None) -> torch.Tensor:
         """Standard-normal z (B, z_dim), the sentence vector and a sampled layout (or None) -> pictures."""
-        z = noise * self.config.temperature
+        z, sentence = noise * self.config.temperature, self._sentence(pooled)
 
         def rows_of(rows):  # a few rows at a time on a CPU: the 32-64 px maps and activations then stay in cache
             maps = self.paint_layout(layout, self.map_sizes, rows) if layout is not None else None
-            return self.generator(z[rows], pooled[rows], maps)
+            return self.generator(z[rows], sentence[rows], maps)
 
         return in_cpu_row_chunks(rows_of, len(z), z.device)
