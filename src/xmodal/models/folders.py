@@ -26,7 +26,8 @@ def bundled_models() -> list[str]:
 
 def bundled_names() -> list[str]:
     """Every name a bundled model answers to: its folder's, and the aliases."""
-    return sorted(bundled_models() + [a for a, target in ALIASES.items() if target in bundled_models()])
+    models = bundled_models()  # one scan of the folder (this is on every model's loading path)
+    return sorted(models + [alias for alias, target in ALIASES.items() if target in models])
 
 
 def resolve_model_dir(name_or_dir: str | Path) -> Path:
