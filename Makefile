@@ -23,13 +23,16 @@ browser:
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped"
 
 # Real data from Debian's packages (Fashion-MNIST's idx files in /usr/share/datasets/fashion-mnist,
-# OpenClipart's SVGs in /usr/share/openclipart/svg), installed when apt can run; otherwise the tests
+# OpenClipart's SVGs in /usr/share/openclipart/svg, WordNet in /usr/share/wordnet for the fashion
+# generators' recipes), installed when apt can run; otherwise the tests
 # that need them are skipped with the reason.
 datasets:
 	@[ -d /usr/share/datasets/fashion-mnist ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "dataset-fashion-mnist not installed: its tests will be skipped"
 	@[ -d /usr/share/openclipart/svg ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq openclipart-svg >/dev/null) || echo "openclipart-svg not installed: its tests will be skipped"
+	@[ -f /usr/share/wordnet/index.noun ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq wordnet-base >/dev/null) || echo "wordnet-base not installed: its test will be skipped"
 
 test: $(STAMP) browser datasets
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

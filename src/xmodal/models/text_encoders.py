@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from xmodal.data.text import Vocabulary, check_texts, report_unknown, tokenize, word_ids
+from xmodal.data.wordnet import rewrite
 
 TEXT_ENCODERS = ("learned", "word2vec", "bert")
 DEFAULT_DIM = {"learned": 128, "word2vec": 64}
@@ -61,6 +62,11 @@ class TextEncoderConfig:
     # it in sentence space (the caption set of a data set whose captions are a few templates)
     snap: bool = False
     snap_captions: list[str] | None = None  # filled at training time (snap): the distinct training captions
+    # snap: a WordNet database folder (Debian's wordnet-base: /usr/share/wordnet) read at training
+    # time into snap_words, so that an unseen word is first read as the training word it is a
+    # kind of ("jumper" -> "sweater"; xmodal.data.wordnet); "" for none
+    wordnet: str = ""
+    snap_words: dict[str, str] | None = None  # filled at training time (wordnet): unseen word -> training word
 
     def __post_init__(self):
         if self.kind not in TEXT_ENCODERS:
@@ -68,6 +74,11 @@ class TextEncoderConfig:
         if self.snap and (self.kind != "bert" or self.trainable):
             raise ValueError("snap reads prompts as their nearest training caption through a frozen "
                              "pretrained encoder: it needs kind = \"bert\" and trainable = false")
+        if self.wordnet and not self.snap:
+            raise ValueError("wordnet reads unseen words as training words for snap: set snap = true")
+        if self.snap_words is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in self.snap_words.items()):
+            raise ValueError("snap_words maps words to words (strings)")
 
     @property
     def width(self) -> int:
@@ -169,6 +180,7 @@ class BertTextEncoder(nn.Module):
         self._cache_key: tuple | None = None  # the device and weights version the cache was made with
         self._snap_keys: torch.Tensor | None = None  # (K, D) unit sentence vectors of spec.snap_captions
         self._snap_set = frozenset(spec.snap_captions or ())
+        self._snap_known = frozenset(w for c in self._snap_set for w in tokenize(c))  # the training captions' words
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -185,10 +197,18 @@ class BertTextEncoder(nn.Module):
 
         if self.packaged:  # tokenizer and weights from the installed package
             from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
 
             source = str(minilm_package_dir())
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            self.bert.load_state_dict(AutoModel.from_pretrained(source, local_files_only=True).state_dict(), strict=False)
+            shown = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # a "Loading weights" bar on every model load is no news to the user
+            try:
+                weights = AutoModel.from_pretrained(source, local_files_only=True).state_dict()
+            finally:
+                if shown:
+                    hf_logging.enable_progress_bar()
+            self.bert.load_state_dict(weights, strict=False)
             return
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
 
@@ -211,11 +231,17 @@ class BertTextEncoder(nn.Module):
             return texts
         if not self.spec.snap_captions:
             raise ValueError("snap: this encoder has no snap_captions (filled at training time)")
-        pooled = nn.functional.normalize(self._frozen(new, strict)[2], dim=-1)
-        nearest = (pooled @ self._snap_vectors().T).argmax(1).tolist()
-        read_as = {t: self.spec.snap_captions[j] for t, j in zip(new, nearest)}
+        lexical = {t: rewrite(t, self.spec.snap_words or {}, self._snap_known) for t in new}
+        lexical = {t: (query if changes else t, changes) for t, (query, changes) in lexical.items()}
+        queries = list(dict.fromkeys(q for q, _ in lexical.values()))
+        pooled = nn.functional.normalize(self._frozen(queries, strict)[2], dim=-1)
+        nearest = dict(zip(queries, (pooled @ self._snap_vectors().T).argmax(1).tolist()))
+        read_as = {t: self.spec.snap_captions[nearest[lexical[t][0]]] for t in new}
         for t in new:
-            warnings.warn(f"{t!r} is drawn as {read_as[t]!r}, the training caption nearest to it", stacklevel=3)
+            query, changes = lexical[t]
+            kinds = "; ".join(f"a {word} is a kind of {target}" for word, target in changes)
+            warnings.warn(f"{t!r} is drawn as {read_as[t]!r}, the training caption nearest to it"
+                          + (f" (read as {query!r}: {kinds}, by WordNet)" if changes else ""), stacklevel=3)
         return [read_as.get(t, t) for t in texts]
 
     def _snap_vectors(self) -> torch.Tensor:

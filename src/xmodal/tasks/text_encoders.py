@@ -135,6 +135,11 @@ def _prepare_bert(spec: TextEncoderConfig, captions: Sequence[str], seed: int, l
         if len(spec.snap_captions) > MAX_SNAP_CAPTIONS:
             raise ValueError(f"snap reads every prompt as one of the training captions; {len(spec.snap_captions):,} "
                              f"distinct ones are more than {MAX_SNAP_CAPTIONS:,}: free captions need no snapping")
+        if spec.wordnet:
+            from xmodal.data.wordnet import NounHierarchy, hypernym_lexicon
+
+            spec.snap_words = hypernym_lexicon(NounHierarchy(spec.wordnet), spec.snap_captions)
+            log(f"wordnet: {len(spec.snap_words):,} unseen nouns read as the training words they are kinds of")
     encoder = BertTextEncoder(spec)
     missing, _ = encoder.bert.load_state_dict(pretrained.state_dict(), strict=False)
     if missing:
