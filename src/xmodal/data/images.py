@@ -78,9 +78,9 @@ def check_image(path: str | Path) -> str | None:
     return None
 
 
-Preset = Literal["shapes64", "small64", "gray32", "gray32-train", "imagenet224", "imagenet224-train"]
-PRESETS: tuple[str, ...] = ("shapes64", "small64", "small64-train", "gray32", "gray32-train", "imagenet224",
-                            "imagenet224-train")
+Preset = Literal["shapes64", "shapes64-train", "small64", "gray32", "gray32-train", "imagenet224", "imagenet224-train"]
+PRESETS: tuple[str, ...] = ("shapes64", "shapes64-train", "small64", "small64-train", "gray32", "gray32-train",
+                            "imagenet224", "imagenet224-train")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -93,6 +93,10 @@ def make_transform(preset: Preset = "shapes64"):
     torchvision's random transforms.
 
     - `shapes64`: 64x64 as is (resized if needed), scaled to [-1, 1].
+    - `shapes64-train`: `shapes64`, and on half the pictures a Gaussian blur of radius 0.3-1.2
+      pixels, for training a captioner that must read generated pictures, whose edges are softer
+      than the renderer's (xmodal's transformer captioner read novel scenes blurred by 1.1 px at
+      61%, sharp at 99.7%).
     - `small64`: shorter side to 64, centre crop 64, scaled to [-1, 1] (any photo for small models).
     - `small64-train`: a random crop of 50-100% of the picture (aspect 3:4 to 4:3) resized to 64x64
       and flipped left-right at random, scaled to [-1, 1], for training on small pictures (clipart).
@@ -117,6 +121,8 @@ def make_transform(preset: Preset = "shapes64"):
                            *to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
     if preset == "gray32-train":
         return Gray32Train()
+    if preset == "shapes64-train":
+        return Shapes64Train()
     return v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), *to_float,
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # imagenet224-train
 
@@ -218,6 +224,23 @@ class Gray32Train:
                 top, left = torch.randint(0, side - h + 1, (1,)).item(), torch.randint(0, side - w + 1, (1,)).item()
                 array[top:top + h, left:left + w] = 0.0
                 return
+
+
+class Shapes64Train:
+    """The `shapes64-train` preset: `shapes64`, blurred on half the pictures by a Gaussian of
+    radius (sigma) drawn from 0.3-1.2 pixels (Pillow's). Takes a PIL image or (H, W, 3) uint8
+    pixels; draws from torch's global RNG, so the trainer's per-step seeding decides it."""
+
+    def __call__(self, img):
+        import torch
+        from PIL import ImageFilter
+
+        img = _shapes64(Image.fromarray(np.asarray(img)) if isinstance(img, np.ndarray) else img.convert("RGB"))
+        blur, radius = torch.rand(2).tolist()
+        if blur < 0.5:  # stronger (three pictures in four, up to 1.6 px) read generated scenes no better
+            img = img.filter(ImageFilter.GaussianBlur(0.3 + 0.9 * radius))
+        array = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
+        return torch.from_numpy(np.ascontiguousarray(((array - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1)))
 
 
 # The resize / crop / pad step of each evaluation preset, as the torchvision pipelines did it

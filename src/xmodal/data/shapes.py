@@ -55,10 +55,11 @@ class ShapesDataset(Dataset):
     """Shapes scenes rendered on demand (no disk): item = (image (3, S, S) in [-1, 1], captions, record)."""
 
     def __init__(self, split: Split = "train", count: int = 10_000, seed: int = 0, size: int = 64,
-                 cache: bool = False, progress: bool = False):
+                 cache: bool = False, progress: bool = False, transform=None):
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
         self.split, self.count, self.seed, self.size = split, count, seed, size
+        self.transform = transform  # (S, S, 3) uint8 pixels -> (3, S, S) tensor, e.g. an augmentation; None: as stored
         self._pixels: np.ndarray | None = None
         self._records: list[dict] | None = None
         if cache:  # render once into memory (count * S * S * 3 bytes), then every epoch only reads
@@ -91,6 +92,8 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int):
         record, pixels = self.item(index)
+        if self.transform is not None:
+            return self.transform(pixels), record["captions"], record
         # exactly what the `shapes64` preset computes from a stored image, (x * (1/255) - 0.5) / 0.5, so
         # a model reads the same numbers from this data set as from files or pipelines
         image = (torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() * (1 / 255) - 0.5) / 0.5

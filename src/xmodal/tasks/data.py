@@ -25,7 +25,7 @@ class DataConfig:
     captions: Literal["first", "random"] = "first"  # which reference to train on per image
     min_freq: int = 1  # vocabulary: words seen fewer times become <unk>
     max_len: int = 20  # words per training caption (longer are cut)
-    train_preset: str = ""  # prepared: preprocessing of training images ("" = the model's; e.g. "gray32-train" augments)
+    train_preset: str = ""  # preprocessing of training images ("" = the model's; e.g. "gray32-train", "shapes64-train" augment)
     boxes: str = DEFAULT_BOXES  # where a record keeps its objects' boxes (a layout stage trains on them)
 
 
@@ -53,7 +53,10 @@ def load_data(data: DataConfig, preset: str) -> TrainData:
     from xmodal.data.shapes import ShapesDataset
 
     if data.kind == "shapes":
-        train = ShapesDataset("train", data.count, data.seed, data.size, cache=True, progress=True)
+        from xmodal.data.images import make_transform
+
+        train = ShapesDataset("train", data.count, data.seed, data.size, cache=True, progress=True,
+                              transform=make_transform(data.train_preset) if data.train_preset else None)
         evaluation = ShapesDataset("test", data.eval_count, data.seed + 1000, data.size, cache=True)
         return TrainData(data, train, evaluation)
     if data.kind == "prepared":
