@@ -136,7 +136,7 @@ def shards(args) -> dict:
 
     config = REPO / "configs" / "fashion-captioner.toml"
     common = [f"--train.steps={args.steps}", "--train.eval_every=0", "--train.checkpoint_every=0",
-              "--train.progress=false", "--data.eval_count=0"]
+              "--train.progress=false", "--data.eval_count=0", "--data.cache_images=false"]  # both read every file
     out: dict = {"steps": args.steps, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         written = import_fashion_mnist(Path(tmp) / "shards", args.source, "train", "webdataset", 5000, progress=False)

@@ -113,6 +113,25 @@ def test_shapes64_train_blurs_half_the_pictures_and_leaves_the_rest_as_stored():
     assert 8 <= blurred <= 32
 
 
+def test_a_cached_prepared_folder_decodes_each_image_once_and_gives_the_same_items(tmp_path):
+    main(["data", "shapes", str(tmp_path / "s"), "--split", "train", "--count", "3", "--seed", "2", "--quiet"])
+    plain, cached = CaptionDataset(tmp_path / "s"), CaptionDataset(tmp_path / "s", cache=True)
+    first = [cached[i] for i in range(3)]
+    for i in range(3):
+        cached.image(i).unlink()  # read once: the file is no longer needed
+    for i in range(3):
+        assert torch.equal(cached[i][0], first[i][0]) and cached[i][1] == first[i][1]
+    with pytest.raises(ImageLoadError, match="no such file"):
+        plain[0]
+
+    from xmodal.tasks.data import DataConfig, load_data
+    from xmodal.training.config import ConfigError
+
+    config = DataConfig(kind="prepared", path=str(tmp_path / "t-{000000..000001}.tar"), cache_images=True)
+    with pytest.raises(ConfigError, match="cache_images keeps a prepared folder's images in memory; shards stream"):
+        load_data(config, "shapes64")
+
+
 def test_reader_errors_name_the_line(tmp_path):
     with pytest.raises(DataFormatError, match="not a prepared data set"):
         read_records(tmp_path)

@@ -169,7 +169,7 @@ def test_shard_stream_is_a_function_of_the_step_and_ranks_are_disjoint(tmp_path)
 
 def tiny_captioner_args(tmp_path, shards: Path, out: Path, steps: int) -> list[str]:
     config = REPO / "configs" / "fashion-captioner.toml"
-    return ["train", str(config), f"--data.path={shards}/train-{{000000..000009}}.tar",
+    return ["train", str(config), f"--data.path={shards}/train-{{000000..000009}}.tar", "--data.cache_images=false",
             f"--data.eval_path={shards}/test-{{000000..000001}}.tar", "--data.eval_split=test", "--data.eval_count=4", f"--train.out_dir={out}",
             f"--train.steps={steps}", "--train.batch_size=8", "--train.checkpoint_every=1", "--train.eval_every=0",
             "--train.progress=false", "--train.num_workers=1", "--train.bf16=false", "--model.encoder_width=8",

@@ -26,6 +26,7 @@ class DataConfig:
     min_freq: int = 1  # vocabulary: words seen fewer times become <unk>
     max_len: int = 20  # words per training caption (longer are cut)
     train_preset: str = ""  # preprocessing of training images ("" = the model's; e.g. "gray32-train", "shapes64-train" augment)
+    cache_images: bool = False  # prepared folder: decode each training image once and keep its pixels in memory
     boxes: str = DEFAULT_BOXES  # where a record keeps its objects' boxes (a layout stage trains on them)
 
 
@@ -68,9 +69,12 @@ def load_data(data: DataConfig, preset: str) -> TrainData:
         transform = make_transform(preset)
         train_transform = make_transform(data.train_preset) if data.train_preset else transform
         if is_shard_pattern(data.path):
+            if data.cache_images:
+                raise ConfigError("[data]: cache_images keeps a prepared folder's images in memory; shards "
+                                  "stream (drop cache_images, or train from the folder)")
             train = ShardDataset(data.path, data.split, train_transform)
         else:
-            train = CaptionDataset(data.path, data.split, train_transform)
+            train = CaptionDataset(data.path, data.split, train_transform, cache=data.cache_images)
         return TrainData(data, train, _evaluation_set(data, transform))
     raise ConfigError(f"[data]: kind {data.kind!r} is not one of ('shapes', 'prepared')")
 
