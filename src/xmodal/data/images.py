@@ -231,6 +231,9 @@ class Shapes64Train:
     radius (sigma) drawn from 0.3-1.2 pixels (Pillow's). Takes a PIL image or (H, W, 3) uint8
     pixels; draws from torch's global RNG, so the trainer's per-step seeding decides it."""
 
+    def __init__(self):
+        self.plain = Preprocess("shapes64")
+
     def __call__(self, img):
         import torch
         from PIL import ImageFilter
@@ -239,8 +242,7 @@ class Shapes64Train:
         blur, radius = torch.rand(2).tolist()
         if blur < 0.5:  # stronger (three pictures in four, up to 1.6 px) read generated scenes no better
             img = img.filter(ImageFilter.GaussianBlur(0.3 + 0.9 * radius))
-        array = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
-        return torch.from_numpy(np.ascontiguousarray(((array - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1)))
+        return self.plain(img)
 
 
 # The resize / crop / pad step of each evaluation preset, as the torchvision pipelines did it

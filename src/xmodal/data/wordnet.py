@@ -18,7 +18,8 @@ to build it (Debian's `wordnet-base` installs the database in /usr/share/wordnet
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from xmodal.data.text import tokenize
@@ -37,13 +38,13 @@ def _lemma(text: str) -> str:
     return "_".join(tokenize(text.replace("_", " ")))
 
 
-def base_forms(word: str, known: Iterable[str] | None = None) -> list[str]:
-    """The word, then its singulars by WordNet's suffix rules (those in `known`, when given)."""
+def base_forms(word: str) -> list[str]:
+    """The word, then its singulars by WordNet's suffix rules."""
     forms = [word]
     for suffix, replacement in _SUFFIXES:
         if word.endswith(suffix) and len(word) > len(suffix):
             forms.append(word[: -len(suffix)] + replacement)
-    return forms if known is None else [f for f in forms if f in known]
+    return forms
 
 
 class NounHierarchy:
@@ -90,17 +91,16 @@ class NounHierarchy:
         self.synsets[fields[0]] = (words, [p[1] for p in pointers if p[0] in ("@", "@i")])
 
 
-def caption_targets(captions: Sequence[str], known: Iterable[str]) -> dict[str, str]:
+def caption_targets(captions: Sequence[str], nouns: AbstractSet[str]) -> dict[str, str]:
     """The words that name what the captions show -> as the captions write them: head nouns
     (and their singulars), and bigrams that are WordNet nouns ("t_shirt" -> "t shirt")."""
-    known = set(known)
     targets: dict[str, str] = {}
     for caption in captions:
         words = tokenize(caption)
         if not words:
             continue
         pairs = [f"{a}_{b}" for a, b in zip(words, words[1:])]
-        for term in [words[-1], *(p for p in pairs if p in known)]:
+        for term in [words[-1], *(p for p in pairs if p in nouns)]:
             for form in base_forms(term):
                 targets.setdefault(form, term.replace("_", " "))
     return targets
@@ -109,7 +109,7 @@ def caption_targets(captions: Sequence[str], known: Iterable[str]) -> dict[str, 
 def hypernym_lexicon(wordnet: NounHierarchy, captions: Sequence[str], max_hops: int = MAX_HOPS) -> dict[str, str]:
     """Every WordNet noun that is no word of the captions -> the caption word (as written) it is
     a kind of, by its first sense that reaches one (see the module's notes)."""
-    targets = caption_targets(captions, wordnet.senses)
+    targets = caption_targets(captions, wordnet.senses.keys())
     seen = {w for c in captions for w in tokenize(c)}
 
     def named(lemmas: list[str]) -> str | None:
@@ -127,21 +127,20 @@ def hypernym_lexicon(wordnet: NounHierarchy, captions: Sequence[str], max_hops: 
         found = [hit for h in hypernyms if (hit := nearest(h, depth + 1)) is not None]
         return min(((hops + 1, t) for hops, t in found), default=None)
 
+    written = set(targets.values())
     lexicon = {}
     for lemma, senses in wordnet.senses.items():
-        if lemma in seen or lemma.replace("_", " ") in targets.values():
+        if lemma in seen or lemma.replace("_", " ") in written:
             continue
         hit = next((h for s in senses if (h := nearest(s, 0)) is not None), None)
         if hit is not None:
             lexicon[lemma] = hit[1]
-    nearest.cache_clear()
     return lexicon
 
 
-def rewrite(text: str, lexicon: dict[str, str], known: Iterable[str]) -> tuple[str, list[tuple[str, str]]]:
+def rewrite(text: str, lexicon: dict[str, str], known: AbstractSet[str]) -> tuple[str, list[tuple[str, str]]]:
     """The text (as `tokenize` splits it) with each word, or two-word noun, that is not in `known`
     and is in `lexicon` replaced by its training word; returns (text, [(word, replacement)])."""
-    known = set(known)
     words, out, changes, i = tokenize(text), [], [], 0
     while i < len(words):
         for span in (2, 1):

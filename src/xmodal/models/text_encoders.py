@@ -231,8 +231,10 @@ class BertTextEncoder(nn.Module):
             return texts
         if not self.spec.snap_captions:
             raise ValueError("snap: this encoder has no snap_captions (filled at training time)")
-        lexical = {t: rewrite(t, self.spec.snap_words or {}, self._snap_known) for t in new}
-        lexical = {t: (query if changes else t, changes) for t, (query, changes) in lexical.items()}
+        lexical = {}  # text -> (what MiniLM reads: the text, or its WordNet rewrite; the words rewritten)
+        for t in new:
+            query, changes = rewrite(t, self.spec.snap_words or {}, self._snap_known)
+            lexical[t] = (query if changes else t, changes)
         queries = list(dict.fromkeys(q for q, _ in lexical.values()))
         pooled = nn.functional.normalize(self._frozen(queries, strict)[2], dim=-1)
         nearest = dict(zip(queries, (pooled @ self._snap_vectors().T).argmax(1).tolist()))
