@@ -167,3 +167,34 @@ def test_layout_only_reads_the_text_through_the_layout_map_alone():
         drawn = model.draw(noise, tokens, mask, pooled, layout)
         assert torch.equal(drawn, model.draw(noise, tokens, mask, torch.randn_like(pooled), layout))
         assert not torch.equal(drawn, model.draw(noise, tokens, mask, pooled, model.sample_layout(tokens, mask.bool(), [5, 6])))
+
+
+def test_a_later_stage_trains_only_the_word_label_reader_of_a_trained_gan(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from xmodal.cli import main
+
+    layout = ('layout = { slots = 2, dim = 16, heads = 2, layers = 1, grid = 8, radius_bins = 4, feature_dim = 4, '
+              'word_labels = WORDS, labels = { color = ["red", "green", "blue", "yellow", "purple", "orange"], '
+              'shape = ["circle", "square", "triangle", "diamond", "cross"] } }\n')
+
+    def train(name, words, extra_model="", extra_train=""):
+        config = tmp_path / f"{name}.toml"
+        config.write_text('[model]\nname = "dfgan"\ntext_encoder = { kind = "learned", dim = 16 }\nz_dim = 4\n'
+                          'channels = [16, 8, 8, 4, 4]\n' + layout.replace("WORDS", words) + extra_model
+                          + f'\n[data]\ncount = 16\neval_count = 4\n[train]\nout_dir = "{tmp_path / name}"\n'
+                          'steps = 3\nbatch_size = 4\nprogress = false\n' + extra_train)
+        return main(["train", str(config)])
+
+    assert train("gan", "false") == 0
+    first = tmp_path / "gan" / "model"
+    stage = (f'init_from = "{first}"\n', 'trainable = ["layout.word_labels."]\n')
+    assert train("words", "true", *stage) == 0
+    before, after = load_file(first / "model.safetensors"), load_file(tmp_path / "words" / "model" / "model.safetensors")
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if k != "step")  # everything else as trained
+    assert {k for k in after if k not in before} and all(k.startswith("layout.word_labels.") for k in after if k not in before)
+    capsys.readouterr()
+    assert train("typo", "true", stage[0], 'trainable = ["layout.word_label."]\n') == 2
+    assert "names no parameter" in capsys.readouterr().err
+    assert train("other", "true", stage[0] + "sentence_dim = 8\n", stage[1]) == 2
+    assert "do not fit this config" in capsys.readouterr().err

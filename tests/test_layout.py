@@ -157,6 +157,48 @@ def test_labelled_layout_learns_labels_and_paints_them_one_hot(data):
     assert one_hot[:, 32, 48].tolist() == [1, 0, 0, 0, 0, 0] + [0, 1, 0, 0, 0]  # red square, right box
 
 
+def test_word_labels_are_read_from_the_words_and_used_in_generation(data, tmp_path):
+    captions, _, items = data
+    torch.manual_seed(0)
+    encoder, spec = prepare_text_encoder({"kind": "learned", "dim": 16}, captions)
+    batch = GenerationCollate(layout_slots=2, layout_labels=LABELS)(items)
+    config = LayoutConfig(**TINY_LAYOUT, labels=LABELS, word_labels=True)
+    with pytest.raises(ValueError, match="word-level text encoder"):
+        LayoutModel(16, config)  # no vocabulary: a BERT-style encoder
+    layout = LayoutModel(16, config, vocab_size=len(spec.words))
+    words = encoder.ids(batch["texts"])
+    with pytest.raises(ValueError, match="pass the prompts' \\(ids, mask\\)"):
+        layout.loss(layout.read(*encoder.encode(batch["texts"])[:2]), *batch["layout"])
+    opt = torch.optim.Adam(list(layout.parameters()) + list(encoder.parameters()), lr=3e-3)
+    for _ in range(150):
+        tokens, mask, _ = encoder.encode(batch["texts"])
+        loss = layout.loss(layout.read(tokens, mask), *batch["layout"], words=words)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, present, labels = batch["layout"]
+    slots = layout.read(*encoder.encode(batch["texts"])[:2])
+    from_words = layout.predict_labels(slots, words)
+    assert torch.equal(from_words[present], labels[present])  # overfit: every label read from the words
+    # the word reader alone decides: its labels change when its weights do, the slots' heads do not matter
+    for head in layout.label_heads:
+        torch.nn.init.zeros_(head.weight)
+    assert torch.equal(layout.predict_labels(slots, words), from_words)
+
+    model = create_model("dfgan", text_encoder=encoder, z_dim=4, channels=(16, 8, 8, 4, 4),
+                         layout=dataclasses.asdict(config)).eval()
+    assert model.layout.word_labels is not None
+    texts = batch["texts"][:2]
+    with torch.no_grad():
+        layout = model.sample_layout(*model.encode_text(texts)[:2], [1, 2], words=model.layout_words(texts))
+    assert layout[3].shape == (2, 2, 2)
+    with torch.no_grad():
+        drawn = model.generate(texts, [1, 2])
+    model.save_pretrained(tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert again.layout.config.word_labels and torch.equal(drawn, again.generate(texts, [1, 2]))
+
+
 def test_min_gap_keeps_sampled_boxes_apart():
     torch.manual_seed(0)
     config = LayoutConfig(**{**TINY_LAYOUT, "grid": 16, "radius_range": (2.0, 8.0)}, min_gap=3.0)

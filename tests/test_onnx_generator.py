@@ -43,7 +43,8 @@ def test_each_graph_matches_pytorch_on_the_same_inputs(gan_export):
         tokens, mask, pooled = model.encode_text(PROMPTS)
         slots = model.layout.read(tokens, mask)
         expected = model.draw(torch.from_numpy(noise), tokens, mask, pooled,
-                              (slots, torch.from_numpy(boxes), torch.from_numpy(present) > 0.5))
+                              (slots, torch.from_numpy(boxes), torch.from_numpy(present) > 0.5,
+                               model.layout.predict_labels(slots, model.layout_words(PROMPTS))))
     assert np.abs(got - expected.numpy()).max() < IMAGE_TOLERANCE
     assert np.abs(text["slots"] - slots.numpy()).max() < 1e-4
 

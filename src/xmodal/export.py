@@ -23,11 +23,12 @@ text encoder (`learned`, `word2vec`) is up to four graphs, as `generate_by_draw`
 - `text.onnx`: word ids (B, T) of prompts of one length -> tokens (B, T, D) and the pooled
   vector (B, D);
 - `slots.onnx` (layout stage only): tokens padded to the stage's `max_len` and their mask -> its
-  slots (B, K, D) and presence probabilities (B, K);
+  slots (B, K, D) and presence probabilities (B, K); with `word_labels`, also the word ids padded
+  alike -> the objects' labels (B, K, keys), which `draw.onnx` then takes;
 - `radius.onnx` and `centre.onnx` (layout stage only): one slot's context given the boxes placed
   so far, and the probabilities of its half-extent bins; then of its centre bins given the drawn
   half-extent (`xmodal.models.layout_draws.sample_boxes` draws from them);
-- `draw.onnx`: noise, tokens, mask, pooled (and slots, boxes, presence) -> pictures in [-1, 1],
+- `draw.onnx`: noise, tokens, mask, pooled (and slots, boxes, presence, labels) -> pictures in [-1, 1],
   and the same as 8-bit levels (B, H, W, C), which the runtime fetches.
 
 Prompts of different lengths are encoded apart (the LSTM's packing is not in the graph) and
@@ -187,9 +188,12 @@ class _Slots(nn.Module):
         super().__init__()
         self.layout = layout
 
-    def forward(self, tokens, mask):  # tokens padded to the layout's max_len: its attention's lengths are fixed
+    def forward(self, tokens, mask, *ids):  # tokens padded to the layout's max_len: its attention's lengths are fixed
         slots = self.layout.read(tokens, mask)
-        return slots, torch.sigmoid(self.layout.presence(slots).squeeze(-1))
+        p_present = torch.sigmoid(self.layout.presence(slots).squeeze(-1))
+        if not ids:
+            return slots, p_present
+        return slots, p_present, self.layout.predict_labels(slots, (ids[0], mask))  # word_labels: from the word ids
 
 
 class _Radius(nn.Module):
@@ -216,9 +220,10 @@ class _Draw(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, noise, tokens, mask, pooled, *layout):
-        slots_boxes_present = (layout[0], layout[1], layout[2] > 0.5) if layout else None
-        images = self.model.draw(noise, tokens, mask, pooled, slots_boxes_present)
+    def forward(self, noise, tokens, mask, pooled, *layout):  # slots, boxes, present (and labels with word_labels)
+        labels = layout[3] if len(layout) > 3 else None  # else predicted from the slots in this graph
+        sampled = (layout[0], layout[1], layout[2] > 0.5, labels) if layout else None
+        images = self.model.draw(noise, tokens, mask, pooled, sampled)
         # and as 8-bit levels (B, H, W, C), rounded half to even as `to_pil` rounds: no numpy pass per batch
         levels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
         return images, levels
@@ -274,7 +279,8 @@ def _generator_inputs(model) -> dict:
     texts = [" ".join(model.text_encoder.vocab.words[i] for i in row) for row in ids.tolist()]
     with torch.no_grad():
         tokens, mask, pooled = model.encode_text(texts)
-        layout = model.sample_layout(tokens, mask.bool(), [0, 1, 2]) if model.layout is not None else None
+        layout = (model.sample_layout(tokens, mask.bool(), [0, 1, 2], words=model.layout_words(texts))
+                  if model.layout is not None else None)
     noise = model.noise([0, 1, 2], model.noise_shape, "cpu")
     return {"ids": ids, "texts": texts, "tokens": tokens, "mask": mask.bool(), "pooled": pooled, "layout": layout,
             "noise": noise}
@@ -291,9 +297,12 @@ def _generator_graphs(model, x: dict) -> dict:
         t, length = x["tokens"].size(1), model.layout.config.max_len
         padded = (torch.cat([x["tokens"], x["tokens"].new_zeros(3, length - t, x["tokens"].size(2))], 1),
                   torch.cat([x["mask"], x["mask"].new_zeros(3, length - t)], 1))
-        graphs["slots"] = (_Slots(model.layout), padded, ["tokens", "mask"], ["slots", "p_present"],
-                           {k: batch for k in ("tokens", "mask", "slots", "p_present")})
-        slots, boxes, present = x["layout"]
+        slots_in, slots_out = ["tokens", "mask"], ["slots", "p_present"]
+        if model.layout.word_labels is not None:  # the labels read from the word ids, padded as the tokens
+            padded += (torch.cat([x["ids"], x["ids"].new_zeros(3, length - t)], 1),)
+            slots_in, slots_out = slots_in + ["ids"], slots_out + ["labels"]
+        graphs["slots"] = (_Slots(model.layout), padded, slots_in, slots_out, {k: batch for k in slots_in + slots_out})
+        slots, boxes, present, labels = x["layout"]
         present = present.float()
         with torch.no_grad():
             context = model.layout.placed_context(slots[:, 1], boxes, present)
@@ -301,8 +310,8 @@ def _generator_graphs(model, x: dict) -> dict:
                             ["context", "r_probs"], {k: batch for k in ("slot", "boxes", "present", "context", "r_probs")})
         graphs["centre"] = (_Centre(model.layout), (context, torch.zeros(3, dtype=torch.long)), ["context", "r_bin"],
                             ["xy_probs"], {k: batch for k in ("context", "r_bin", "xy_probs")})
-        layout_in = [slots, boxes, present]
-    draw_in = ["noise", "tokens", "mask", "pooled"] + (["slots", "boxes", "present"] if layout_in else [])
+        layout_in = [slots, boxes, present] + ([labels] if model.layout.word_labels is not None else [])
+    draw_in = ["noise", "tokens", "mask", "pooled"] + ["slots", "boxes", "present", "labels"][:len(layout_in)]
     graphs["draw"] = (_Draw(model), (x["noise"], x["tokens"], x["mask"], x["pooled"], *layout_in), draw_in,
                       ["images", "levels"],
                       {**{k: batch for k in draw_in}, "tokens": words, "mask": words, "images": batch, "levels": batch})

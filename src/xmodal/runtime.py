@@ -261,9 +261,13 @@ class OnnxGenerator:
             out["mask"][group, :length] = True
         if self.layout is not None:
             check_length(self.layout, t_max)
+            ids = np.zeros((len(rows), self.layout.max_len), np.int64)  # read by a layout with word_labels
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = r
             pad = ((0, 0), (0, self.layout.max_len - t_max))
-            out["slots"], out["p_present"] = self.run("slots", {"tokens": np.pad(out["tokens"], (*pad, (0, 0))),
-                                                               "mask": np.pad(out["mask"], pad)})
+            layout = self.run("slots", {"tokens": np.pad(out["tokens"], (*pad, (0, 0))), "mask": np.pad(out["mask"], pad),
+                                        "ids": ids})
+            out.update(zip(("slots", "p_present", "labels"), layout))  # labels: with word_labels only
         return out
 
     def sample_layout(self, slots: np.ndarray, p_present: np.ndarray, seeds: Sequence[int]) -> tuple[np.ndarray, ...]:

@@ -193,22 +193,24 @@ class Gray32Train:
     """The `gray32-train` preset: `gray32` shifted by up to 2 pixels (black comes in), flipped
     left-right on half the pictures, and on half a random rectangle of 2-25% of the area (aspect
     0.3 to 3.3) painted black: torchvision's RandomCrop(32, padding=2), RandomHorizontalFlip and
-    RandomErasing(0.5, (0.02, 0.25)), done on one 32x32 numpy array (84 us a picture here
+    RandomErasing(0.5, (0.02, 0.25)), done on one 32x32 numpy array (50 us a picture here
     against their 300, which starved the training step). Draws from torch's global RNG, as they
     do, so the trainer's per-step seeding decides every augmentation."""
 
     def __call__(self, img: Image.Image):
         import torch
 
-        gray = np.asarray(_gray32(img), dtype=np.float32) * np.float32(1 / 255)  # (32, 32)
+        padded = np.zeros((36, 36), np.float32)  # np.pad took as long as everything else here
+        padded[2:34, 2:34] = np.asarray(_gray32(img), dtype=np.float32) * np.float32(1 / 255)
         dy, dx = torch.randint(0, 5, (2,)).tolist()
         flip, erase = (torch.rand(2) < 0.5).tolist()
-        shifted = np.pad(gray, 2)[dy:dy + 32, dx:dx + 32]
+        shifted = padded[dy:dy + 32, dx:dx + 32]
         out = np.array(shifted[:, ::-1] if flip else shifted)
         if erase:
             self._erase(out)
-        out = (out - np.float32(0.5)) / np.float32(0.5)
-        return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(out, (3, 32, 32))))
+        out -= np.float32(0.5)
+        out /= np.float32(0.5)
+        return torch.from_numpy(out).expand(3, 32, 32)  # one gray plane read as 3 channels; the batch stacks it
 
     @staticmethod
     def _erase(array: np.ndarray) -> None:

@@ -139,7 +139,7 @@ class ConditionalVAE(TextToImageModel):
     @torch.no_grad()
     def generate(self, texts, seeds, strict: bool = False):
         tokens, mask, cond = self.condition(texts, strict=strict)
-        maps, _ = self.layout_maps(tokens, mask, self.map_sizes, seeds=seeds)
+        maps, _ = self.layout_maps(tokens, mask, self.map_sizes, seeds=seeds, texts=texts)
         mu_p, logvar_p = self.prior(cond).chunk(2, dim=-1)
         eps = self.noise(seeds, (self.config.z_dim,), cond.device)
         return self.decode(mu_p + self.config.temperature * eps * (0.5 * logvar_p).exp(), cond, maps)

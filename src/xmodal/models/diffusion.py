@@ -309,7 +309,7 @@ class LatentDiffusion(TextToImageModel):
         tokens, mask, pooled = self.condition(texts, strict=strict)
         layout_map = un_map = None
         if self.layout is not None:
-            (layout_map,), _ = self.layout_maps(tokens, mask, (16,), seeds=seeds)
+            (layout_map,), _ = self.layout_maps(tokens, mask, (16,), seeds=seeds, texts=texts)
             un_map = torch.zeros_like(layout_map)
         if negative:
             neg = self.condition([negative] * b, strict=strict)

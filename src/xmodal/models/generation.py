@@ -18,6 +18,7 @@ from torch import nn
 from xmodal.models.base import LAYOUT
 from xmodal.models.layout import LayoutModel, layout_generators
 from xmodal.models.layout_draws import check_length
+from xmodal.models.text_encoders import WordTextEncoder
 from xmodal.models.with_text import WithTextEncoder
 
 
@@ -45,7 +46,8 @@ class TextToImageModel(WithTextEncoder):
     def __init__(self, config, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)
         layout = config.layout
-        self.layout = LayoutModel(self.text_encoder.out_dim, layout) if layout is not None else None
+        words = len(self.text_encoder.vocab.words) if isinstance(self.text_encoder, WordTextEncoder) else 0
+        self.layout = LayoutModel(self.text_encoder.out_dim, layout, words) if layout is not None else None
 
     def config_for_saving(self) -> dict:
         saved = dataclasses.asdict(self.config)
@@ -68,10 +70,11 @@ class TextToImageModel(WithTextEncoder):
         return self.layout.config.labels if self.layout is not None else {}
 
     def layout_maps(self, tokens, mask, sizes: Sequence[int], batch: dict | None = None,
-                    seeds: Sequence[int] | None = None) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+                    seeds: Sequence[int] | None = None, texts: Sequence[str] | None = None
+                    ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
         """Layout maps (B, C, s, s) for each s in `sizes`, and the layout's NLL: in training
-        the true boxes of `batch["layout"]` are painted, in generation boxes drawn per seed
-        (NLL None). Without a layout stage: (None, None)."""
+        the true boxes of `batch["layout"]` are painted, in generation boxes drawn per seed for
+        the prompts `texts` (NLL None). Without a layout stage: (None, None)."""
         if self.layout is None:
             return None, None
         slots = self.layout.read(tokens, mask)  # (B, K, D)
@@ -81,27 +84,40 @@ class TextToImageModel(WithTextEncoder):
                                  "none: collate with GenerationCollate(layout_slots=model.layout_slots)")
             boxes, present, *labels = batch["layout"]
             labels = labels[0] if labels else None
-            nll = self.layout.loss(slots, boxes, present, labels)
+            nll = self.layout.loss(slots, boxes, present, labels, self.layout_words(batch["texts"]))
         else:
-            return self.paint_layout(self.sample_layout(tokens, mask, seeds, slots), sizes), None
+            layout = self.sample_layout(tokens, mask, seeds, slots, self.layout_words(texts))
+            return self.paint_layout(layout, sizes), None
         return [self.layout.paint(slots, boxes, present, s, labels) for s in sizes], nll
 
-    def sample_layout(self, tokens, mask, seeds: Sequence[int], slots=None) -> tuple[torch.Tensor, ...]:
-        """Generation: one layout drawn per seed -> (slots, boxes, present), for `paint_layout`."""
+    def layout_words(self, texts: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prompts' word ids and mask (B, T) where the layout reads its labels from the words, else None."""
+        if self.layout is None or self.layout.word_labels is None:
+            return None
+        if texts is None:
+            raise ValueError("this layout stage reads its labels from the prompts' words: pass the texts")
+        ids, mask = self.text_encoder.ids(texts)
+        device = self.layout.queries.device
+        return ids.to(device), mask.to(device)
+
+    def sample_layout(self, tokens, mask, seeds: Sequence[int], slots=None, words=None) -> tuple[torch.Tensor, ...]:
+        """Generation: one layout drawn per seed -> (slots, boxes, present, labels), for
+        `paint_layout`; labels (B, K, keys) predicted from the slots, or from `words` (the prompts'
+        `layout_words`) with `word_labels`; None without labels."""
         slots = self.layout.read(tokens, mask) if slots is None else slots
-        return (slots, *self.layout.sample(slots, layout_generators(seeds)))
+        return (slots, *self.layout.sample(slots, layout_generators(seeds)), self.layout.predict_labels(slots, words))
 
     def paint_layout(self, layout: tuple[torch.Tensor, ...], sizes: Sequence[int], rows=slice(None)) -> list[torch.Tensor]:
-        """A sampled layout's maps at each size in `sizes`, for `rows` only (labels predicted from the slots)."""
-        slots, boxes, present = (t[rows] for t in layout)
-        return [self.layout.paint(slots, boxes, present, s) for s in sizes]
+        """A sampled layout's maps at each size in `sizes`, for `rows` only."""
+        slots, boxes, present, labels = (None if t is None else t[rows] for t in layout)
+        return [self.layout.paint(slots, boxes, present, s, labels) for s in sizes]
 
     def generate_by_draw(self, texts: Sequence[str], seeds: Sequence[int], strict: bool = False) -> torch.Tensor:
         """generate() of a model that declares DRAW: the text, a layout drawn per seed (with a
         layout stage), noise of `self.noise_shape` per seed, then `self.draw(...)`."""
         tokens, mask, pooled = self.encode_text(texts, strict=strict)
         mask = mask.bool()
-        layout = self.sample_layout(tokens, mask, seeds) if self.layout is not None else None
+        layout = self.sample_layout(tokens, mask, seeds, words=self.layout_words(texts)) if self.layout is not None else None
         return self.draw(self.noise(seeds, self.noise_shape, pooled.device), tokens, mask, pooled, layout)
 
     @staticmethod

@@ -33,6 +33,10 @@ class LayoutConfig:
     temperature: float = 1.0  # sampling: < 1 draws boxes from the likelier part of the learned distribution
     labels: dict[str, list[str]] = field(default_factory=dict)  # object attribute -> its values (one-hot in the map)
     min_gap: float | None = None  # sampling: least distance between two boxes' edges (64-px units); None: any
+    # labels read from the prompt's words alone by their own slot reader (`WordLabels`), not from the
+    # slots: a word-level text encoder's contextual states carry a shape's training colour into an
+    # unseen colour-shape pair, its words do not (needs `labels` and a learned or word2vec encoder)
+    word_labels: bool = False
 
     @property
     def label_channels(self) -> int:

@@ -29,7 +29,7 @@ from xmodal.worlds.shapes import parse
 
 TASK = "text-to-image"
 # latent diffusion: a trained first stage; a few-step student: the diffusion model it distils
-RECIPE_KEYS: dict[str, object] = {"autoencoder_path": None, "teacher": None}
+RECIPE_KEYS: dict[str, object] = {"autoencoder_path": None, "teacher": None, "init_from": None}
 DATA_DEFAULTS = {"captions": "random"}  # learn every paraphrase
 Reader = Callable[[Sequence[np.ndarray]], list]
 # What reads generated garments back: the bundled Fashion-MNIST captioner (the class its caption names)
@@ -37,10 +37,12 @@ CLASS_READER = "fashion-captioner"
 
 
 def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path: str | None = None,
-          teacher: str | None = None):
+          teacher: str | None = None, init_from: str | None = None):
     """A complete generator: its text encoder prepared on the training captions and, for latent
     diffusion, the trained first stage (`autoencoder_path`) with the std of its latents; or, with
-    `teacher`, a student of that diffusion model (`xmodal.tasks.distillation`)."""
+    `teacher`, a student of that diffusion model (`xmodal.tasks.distillation`). With `init_from`,
+    every weight of that trained generator copied in (a later stage, e.g. one that trains a part
+    this config adds, with `[train] trainable`)."""
     import sys
 
     if teacher is not None:
@@ -72,7 +74,25 @@ def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path:
     if supports(model, LAYOUT) and model.layout is not None and not has_boxes(data.train.records[:100], data.config.boxes):
         raise ConfigError(f"[model] layout: a layout stage trains on object boxes, and the training records have "
                           f"none at [data] boxes = {data.config.boxes!r}; drop the layout or point boxes at them")
+    if init_from is not None:
+        _init_from(model, init_from)
     return model
+
+
+def _init_from(model, init_from: str) -> None:
+    """Every weight of the trained generator `init_from` into `model`, which may add parts of its own."""
+    from xmodal.models.hub import load_model
+
+    trained = load_model(init_from)
+    source, mine = trained.state_dict(), model.state_dict()
+    misfit = [k for k, v in source.items() if k not in mine or mine[k].shape != v.shape]
+    if misfit:
+        raise ConfigError(f"[model] init_from {init_from!r}: its weights do not fit this config (e.g. {misfit[0]}): "
+                          f"give the model settings it was trained with")
+    if trained.config.text_encoder.words != model.config.text_encoder.words:  # the same ids for the same words
+        raise ConfigError(f"[model] init_from {init_from!r}: its text encoder's vocabulary is not the one these "
+                          f"training captions give")
+    model.load_state_dict({**mine, **{k: v.to(mine[k].dtype) for k, v in source.items()}})
 
 
 def collate(model, data: TrainData):

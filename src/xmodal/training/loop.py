@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +67,9 @@ class TrainConfig:
     patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
     num_workers: int = 0  # DataLoader workers
     progress: bool = True
+    # parameter-name prefixes that train, the rest frozen (a later stage of a trained model, e.g.
+    # ["layout.word_labels."]); empty: every parameter the model leaves trainable
+    trainable: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -84,6 +87,19 @@ class TrainConfig:
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"train.ema must be in [0, 1), got {self.ema}")
         self.betas = tuple(self.betas)
+
+
+def freeze_all_but(model: nn.Module, prefixes: list[str]) -> None:
+    """Only the parameters whose names start with one of `prefixes` train (none given: no change);
+    a prefix that names no parameter is an error, never a silent run that trains nothing."""
+    if not prefixes:
+        return
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [x for x in prefixes if not any(n.startswith(x) for n in names)]
+    if unmatched:
+        raise ValueError(f"train.trainable {unmatched} names no parameter of this model (e.g. {names[0]!r})")
+    for name, param in model.named_parameters():
+        param.requires_grad_(param.requires_grad and any(name.startswith(x) for x in prefixes))
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -246,13 +262,15 @@ class Trainer:
         self.save_model_fn = save_model or (lambda m, folder: m.save_pretrained(folder, dtype=config.save_dtype))
         self.out_dir = Path(config.out_dir)
         # a model may split its parameters into groups with their own `lr_scale` (e.g. GAN G and D)
+        freeze_all_but(model, config.trainable)
         groups = model.param_groups()
         groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("the model has no trainable parameters")
+        # foreach: one kernel per step for all tensors (a CPU otherwise loops over them); the same numbers
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, foreach=True)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if config.ema > 0 else None
         self.step = 0
         self.resumed_from: Path | None = None  # the checkpoint resume() loaded
