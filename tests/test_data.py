@@ -113,6 +113,24 @@ def test_shapes64_train_blurs_half_the_pictures_and_leaves_the_rest_as_stored():
     assert 8 <= blurred <= 32
 
 
+def test_shapes64_warp_bends_some_pictures_smoothly_and_keeps_the_background():
+    from xmodal.data.images import _elastic
+
+    flat = torch.full((3, 64, 64), 0.25)
+    torch.manual_seed(0)
+    assert torch.allclose(_elastic(flat, 20.0), flat, atol=1e-6)  # nothing to bend: the border fill is the corner
+    plain = ShapesDataset("train", count=40, seed=5)
+    warped = ShapesDataset("train", count=40, seed=5, transform=make_transform("shapes64-warp"))
+    torch.manual_seed(3)
+    changed = 0
+    for i in range(40):
+        x, y = warped[i][0], plain[i][0]
+        assert x.shape == y.shape and torch.allclose(x[:, 0, 0], y[:, 0, 0], atol=1e-3)
+        changed += not torch.equal(x, y)
+        assert (x - y).abs().mean() < 0.1
+    assert 20 <= changed <= 40  # blurred (half) or bent (half): three in four on average
+
+
 def test_a_cached_prepared_folder_decodes_each_image_once_and_gives_the_same_items(tmp_path):
     main(["data", "shapes", str(tmp_path / "s"), "--split", "train", "--count", "3", "--seed", "2", "--quiet"])
     plain, cached = CaptionDataset(tmp_path / "s"), CaptionDataset(tmp_path / "s", cache=True)

@@ -22,6 +22,15 @@ def test_import_is_light():
     assert out == "[]"
 
 
+def test_a_card_quality_line_that_is_not_json_is_shown_without_it():
+    from xmodal.api import _card_quality
+
+    assert _card_quality("# m\n\nquality: {\"bleu4\": 0.9}\n") == {"bleu4": 0.9}
+    assert _card_quality("# m\n") == {}
+    with pytest.warns(UserWarning, match="README.md: its quality line is not JSON"):
+        assert _card_quality("quality: {\"speed\": FILL_ME}\n", "README.md") == {}
+
+
 def test_bundled_captioner_is_listed_and_reads_shapes(capsys):
     models = {m["name"]: m for m in xmodal.list_models()}
     assert "shapes-captioner" in models and models["shapes-captioner"]["task"] == "image-to-text"

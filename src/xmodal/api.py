@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,10 +22,17 @@ def load(name_or_dir: str | Path, device: str | torch.device = "cpu"):
     return load_pipeline(name_or_dir, device=device)
 
 
-def _card_quality(card: str) -> dict:
-    """The `quality:` JSON line of a model card (written by the training recipe from measured numbers)."""
+def _card_quality(card: str, where: str = "model card") -> dict:
+    """The `quality:` JSON line of a model card (written by the training recipe from measured
+    numbers); {} with a warning when the line is not JSON (an edited card must not break a listing)."""
     m = re.search(r"^quality: (\{.*\})$", card, flags=re.M)
-    return json.loads(m.group(1)) if m else {}
+    if not m:
+        return {}
+    try:
+        return json.loads(m.group(1))
+    except json.JSONDecodeError as e:
+        warnings.warn(f"{where}: its quality line is not JSON ({e}); shown without it", stacklevel=2)
+        return {}
 
 
 def list_models() -> list[dict]:
@@ -35,7 +43,7 @@ def list_models() -> list[dict]:
         folder = resolve_model_dir(name)
         meta = read_model_meta(folder)
         card = folder / "README.md"
-        quality = _card_quality(card.read_text()) if card.is_file() else {}
+        quality = _card_quality(card.read_text(), str(card)) if card.is_file() else {}
         entry = {"name": name, "task": meta.get("task", "?"), "model": meta["model"], "quality": quality}
         if folder.name != name:
             entry["alias_of"] = folder.name

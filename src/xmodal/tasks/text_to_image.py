@@ -83,7 +83,10 @@ def _init_from(model, init_from: str) -> None:
     """Every weight of the trained generator `init_from` into `model`, which may add parts of its own."""
     from xmodal.models.hub import load_model
 
-    trained = load_model(init_from)
+    try:
+        trained = load_model(init_from)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"[model] init_from {init_from!r}: {e}") from None
     source, mine = trained.state_dict(), model.state_dict()
     misfit = [k for k, v in source.items() if k not in mine or mine[k].shape != v.shape]
     if misfit:
