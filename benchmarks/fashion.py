@@ -117,7 +117,7 @@ def card_minutes(name: str) -> float | None:
     import re
 
     card = resolve_model_dir(name) / "README.md"
-    found = re.search(r"([0-9.]+) minutes", card.read_text() if card.is_file() else "")
+    found = re.search(r"([0-9.]+)\s+minutes", card.read_text() if card.is_file() else "")
     return float(found.group(1)) if found else None
 
 
