@@ -53,7 +53,9 @@ def test_pictures_depend_on_their_own_seed_only(gan_export):
     runtime = OnnxGenerator(gan_export[0])
     alone = np.asarray(runtime(PROMPTS[1], seed=7)[0])
     mixed = runtime(PROMPTS, seed=6)  # seeds 6, 7, 8: the second prompt at seed 7, beside others
-    assert np.array_equal(np.asarray(mixed[1]), alone)
+    # the same draws; onnxruntime's kernels round a batch of 3 and of 1 apart: one level, a few pixels at most
+    diff = np.abs(np.asarray(mixed[1]).astype(int) - alone.astype(int))
+    assert diff.max() <= 1 and (diff > 0).sum() <= 8
     seeds = [np.asarray(im) for im in runtime(PROMPTS[0], n=3)]
     assert not np.array_equal(seeds[0], seeds[1]) and not np.array_equal(seeds[1], seeds[2])
     assert all(im.size == (64, 64) and im.mode == "RGB" for im in mixed)
