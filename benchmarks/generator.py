@@ -1,6 +1,7 @@
 """Text-to-image quality and speed on fresh Shapes prompts (WORLD.md's scene accuracy).
 
     python benchmarks/generator.py [--model shapes-diffusion] [--captioner NAME ...] [--count 500]
+        [--prompt-seed 91 --image-seed 5000]   (other seeds: a validation set to choose settings on)
         [--steps 10 --guidance 3 --sampler dpm]   (diffusion models)
         [--runtime onnx]   (one-pass generators: onnxruntime, with the model's export or one made here)
 
@@ -34,10 +35,12 @@ from xmodal.tasks.records import scene_specs
 STYLES = (("canonical", 0), ("paraphrase", 1))  # which reference of each record is the prompt
 
 
-def evaluate(pipe, readers: dict, split: str, count: int, options: GenerateOptions, drawer=None) -> dict:
+def evaluate(pipe, readers: dict, split: str, count: int, options: GenerateOptions, drawer=None,
+             prompt_seed: int = 91, image_seed: int = 5000) -> dict:
     """Scene accuracy of each reader on `count` fresh prompts of `split`, canonical and paraphrased,
-    pictures drawn by `drawer` (default: the pipeline; the layout's boxes are checked for it alone)."""
-    records = ShapesDataset(split, count, seed=91).records
+    pictures drawn by `drawer` (default: the pipeline; the layout's boxes are checked for it alone).
+    Other seeds than the defaults give a validation set, to choose a setting on before measuring."""
+    records = ShapesDataset(split, count, seed=prompt_seed).records
     out = {}
     if drawer is None:
         layouts = {style: text_to_image.layout_accuracy(pipe.model, record_prompts(records, pick), scene_specs(records))
@@ -45,7 +48,7 @@ def evaluate(pipe, readers: dict, split: str, count: int, options: GenerateOptio
         if layouts["canonical"] is not None:
             out["layout"] = {style: _round(v) for style, v in layouts.items()}
     for style, pick in STYLES:
-        metrics = text_to_image.measure(drawer or pipe, records, readers, pick=pick, seed=5000, batch_size=128,
+        metrics = text_to_image.measure(drawer or pipe, records, readers, pick=pick, seed=image_seed, batch_size=128,
                                         options=options)
         out[style] = {name: _round({k[len(name) + 1:]: v for k, v in metrics.items() if k.startswith(name + "_")})
                       for name in readers}
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--captioner", nargs="+", default=["shapes-captioner", "shapes-captioner-transformer"],
                         help="the captioners that read the images back (cycle)")
     parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--prompt-seed", type=int, default=91, help="the prompts' seed (another one: a validation set)")
+    parser.add_argument("--image-seed", type=int, default=5000, help="the first image's seed")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--sampler")
@@ -133,7 +138,8 @@ def main() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         if not args.no_quality:
             for split in ("test", "novel"):
-                result[split] = evaluate(pipe, readers, split, args.count, options, drawer)
+                result[split] = evaluate(pipe, readers, split, args.count, options, drawer, args.prompt_seed,
+                                         args.image_seed)
         if not args.no_speed:
             result.update(speed_report(pipe, options, drawer))
     scratch.cleanup()
