@@ -261,12 +261,13 @@ class OnnxGenerator:
             out["mask"][group, :length] = True
         if self.layout is not None:
             check_length(self.layout, t_max)
-            ids = np.zeros((len(rows), self.layout.max_len), np.int64)  # read by a layout with word_labels
-            for i, r in enumerate(rows):
-                ids[i, :len(r)] = r
             pad = ((0, 0), (0, self.layout.max_len - t_max))
-            layout = self.run("slots", {"tokens": np.pad(out["tokens"], (*pad, (0, 0))), "mask": np.pad(out["mask"], pad),
-                                        "ids": ids})
+            feeds = {"tokens": np.pad(out["tokens"], (*pad, (0, 0))), "mask": np.pad(out["mask"], pad)}
+            if "ids" in self._inputs["slots"]:  # a layout with word_labels reads the word ids, padded alike
+                feeds["ids"] = np.zeros((len(rows), self.layout.max_len), np.int64)
+                for i, r in enumerate(rows):
+                    feeds["ids"][i, :len(r)] = r
+            layout = self.run("slots", feeds)
             out.update(zip(("slots", "p_present", "labels"), layout))  # labels: with word_labels only
         return out
 

@@ -20,6 +20,7 @@ LostGAN condition both sides on the layout: https://arxiv.org/abs/1811.11389).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -241,7 +242,7 @@ class DFGAN(TextToImageModel):
         if self.layout is not None:  # the true boxes, painted at 8..S px; the discriminator reads the S px map
             maps, layout_nll = self.layout_maps(tokens, mask, self.map_sizes, batch=batch)
             full = maps[-1]
-            if not any(p.requires_grad for p in [*self.generator.parameters(), *self.discriminator.parameters()]):
+            if not any(p.requires_grad for p in itertools.chain(self.generator.parameters(), self.discriminator.parameters())):
                 # a later stage that trains only (part of) the layout stage ([train] trainable): no adversarial terms
                 return self.layout.config.weight * layout_nll, {"layout_nll": layout_nll.detach()}
         z = torch.randn(b, self.config.z_dim, device=images.device)

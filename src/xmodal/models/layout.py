@@ -49,6 +49,13 @@ from xmodal.models.layout_draws import CANVAS, LayoutConfig, check_length, sampl
 __all__ = ["CANVAS", "LayoutConfig", "LayoutModel", "WordLabels", "layout_generators", "paint_boxes"]
 
 
+def _read_slots(decoder: nn.Module, queries: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Slot queries (K, D) read `memory` (B, T, D) through `decoder`, masked words left out -> (B, K, D)."""
+    padding = ~mask.bool()
+    # no mask when nothing is padded (the same numbers): torch's mask check imports sympy, 0.4 s of start-up
+    return decoder(queries.expand(memory.size(0), -1, -1), memory, memory_key_padding_mask=padding if padding.any() else None)
+
+
 class WordLabels(nn.Module):
     """Each slot's labels from the prompt's words alone: K slot queries read word embeddings of
     their own plus positions through a small transformer decoder (no word sees another before the
@@ -67,9 +74,7 @@ class WordLabels(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """Word ids (B, T) and their mask -> logits (B, K, V) per label key."""
         memory = self.embedding(ids) + self.position.weight[:ids.size(1)]
-        padding = ~mask.bool()
-        slots = self.decoder(self.queries.expand(ids.size(0), -1, -1), memory,
-                             memory_key_padding_mask=padding if padding.any() else None)
+        slots = _read_slots(self.decoder, self.queries, memory, mask)
         return [head(slots) for head in self.heads]
 
 
@@ -99,13 +104,10 @@ class LayoutModel(nn.Module):
     # ------------------------------------------------------------------ reading the text
     def read(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens (B, T, E), mask (B, T) -> slot features (B, K, D)."""
-        b, t, _ = tokens.shape
+        t = tokens.size(1)
         check_length(self.config, t)
         memory = self.memory(tokens) + self.position.weight[:t]  # (B, T, D)
-        queries = self.queries.expand(b, -1, -1)  # (B, K, D)
-        padding = ~mask.bool()
-        # no mask when nothing is padded (the same numbers): torch's mask check imports sympy, 0.4 s of start-up
-        return self.decoder(queries, memory, memory_key_padding_mask=padding if padding.any() else None)  # (B, K, D)
+        return _read_slots(self.decoder, self.queries, memory, mask)
 
     def _bins(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """boxes (..., 3) -> radius bin (...), centre bin (...) = row * grid + column."""
