@@ -7,7 +7,14 @@ from xmodal.data.boxes import layout_targets
 from xmodal.data.collate import GenerationCollate
 from xmodal.data.shapes import ShapesDataset
 from xmodal.models.hub import load_model
-from xmodal.models.layout import LayoutConfig, LayoutModel, layout_generators, paint_boxes
+from xmodal.models.layout import (
+    LayoutConfig,
+    LayoutModel,
+    box_planes,
+    conv_over_map,
+    layout_generators,
+    paint_boxes,
+)
 from xmodal.models.registry import create_model
 from xmodal.tasks.text_encoders import prepare_text_encoder
 
@@ -58,6 +65,22 @@ def test_paint_fills_the_box_and_nothing_else():
     assert mask[32, 7] == 1 and mask[32, 6] == 0  # the box grown by one pixel covers x in [7, 25]
     assert u[32, 20].item() == pytest.approx((20.5 - 16) / 8) and v[36, 16].item() == pytest.approx((36.5 - 32) / 8)
     assert torch.isfinite(grid).all()
+
+
+def test_a_convolution_over_the_box_planes_equals_one_over_the_dense_map():
+    torch.manual_seed(0)
+    features = torch.randn(3, 2, 5)  # (B, K, F)
+    boxes = torch.tensor([[[16.0, 32.0, 8.0], [44.0, 20.0, 5.0]]] * 3) + torch.rand(3, 2, 3) * 4
+    present = torch.tensor([[True, True], [True, False], [False, False]])
+    planes = box_planes(features, boxes, present, size=16)
+    assert torch.equal(planes.dense(), paint_boxes(features, boxes, present, size=16))
+    conv = torch.nn.Conv2d(4 + 5 + 3, 7, 3, 1, 1)  # 4 image channels, then the map's F + 3
+    h = torch.randn(3, 4, 16, 16)
+    dense = conv(torch.cat([h, planes.dense()], 1))
+    assert torch.allclose(conv_over_map(conv, h, planes), dense, atol=1e-5)
+    assert torch.equal(conv_over_map(conv, h, planes.dense()), dense)
+    channels_last = h.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(conv_over_map(conv, channels_last, planes), dense, atol=1e-5)
 
 
 def _overfit(layout, encoder, batch, opt, steps):

@@ -50,13 +50,13 @@ def in_cpu_chunks(fn, x: torch.Tensor):
     return in_cpu_row_chunks(lambda rows: fn(x[rows]), len(x), x.device)
 
 
-def in_cpu_row_chunks(fn, count: int, device):
-    """fn(rows) over row slices of CPU_CHUNK rows on a CPU, concatenated (tensors, or dicts of
+def in_cpu_row_chunks(fn, count: int, device, chunk: int = CPU_CHUNK):
+    """fn(rows) over row slices of `chunk` rows on a CPU, concatenated (tensors, or dicts of
     tensors key by key); one call with all rows (`slice(None)`) elsewhere or for a few rows, so a
     traced graph keeps its batch size a variable."""
-    if torch.device(device).type != "cpu" or count <= CPU_CHUNK:
+    if torch.device(device).type != "cpu" or count <= chunk:
         return fn(slice(None))
-    parts = [fn(slice(start, start + CPU_CHUNK)) for start in range(0, count, CPU_CHUNK)]
+    parts = [fn(slice(start, start + chunk)) for start in range(0, count, chunk)]
     if isinstance(parts[0], dict):
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     return torch.cat(parts)
@@ -118,6 +118,8 @@ class TextEncoder(Protocol):
 
     def encode(self, texts: Sequence[str], strict: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def token_mask(self, texts: Sequence[str], strict: bool = False) -> torch.Tensor: ...
 
 
 @runtime_checkable

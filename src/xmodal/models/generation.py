@@ -107,10 +107,13 @@ class TextToImageModel(WithTextEncoder):
         slots = self.layout.read(tokens, mask) if slots is None else slots
         return (slots, *self.layout.sample(slots, layout_generators(seeds)), self.layout.predict_labels(slots, words))
 
-    def paint_layout(self, layout: tuple[torch.Tensor, ...], sizes: Sequence[int], rows=slice(None)) -> list[torch.Tensor]:
-        """A sampled layout's maps at each size in `sizes`, for `rows` only."""
+    def paint_layout(self, layout: tuple[torch.Tensor, ...], sizes: Sequence[int], rows=slice(None),
+                     planes: bool = False) -> list:
+        """A sampled layout's maps at each size in `sizes`, for `rows` only; with `planes`, as
+        `BoxPlanes` (the factored map, for `conv_over_map`)."""
         slots, boxes, present, labels = (None if t is None else t[rows] for t in layout)
-        return [self.layout.paint(slots, boxes, present, s, labels) for s in sizes]
+        paint = self.layout.planes if planes else self.layout.paint
+        return [paint(slots, boxes, present, s, labels) for s in sizes]
 
     def generate_by_draw(self, texts: Sequence[str], seeds: Sequence[int], strict: bool = False) -> torch.Tensor:
         """generate() of a model that declares DRAW: the text, a layout drawn per seed (with a

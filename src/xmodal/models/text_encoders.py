@@ -106,6 +106,10 @@ class WordTextEncoder(nn.Module):
             ids[i, : len(r)] = torch.tensor(r)
         return ids, ids != Vocabulary.pad_id  # (B, T), (B, T)
 
+    def token_mask(self, texts: Sequence[str], strict: bool = False) -> torch.Tensor:
+        """`encode`'s mask, its checks and warnings, without running the network."""
+        return self.ids(texts, strict)[1]
+
     def save_assets(self, folder: Path) -> None:
         """Nothing to write: the words travel inside the config."""
 
@@ -213,6 +217,10 @@ class BertTextEncoder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
 
     CACHE_SIZE = 4096  # distinct texts whose frozen outputs are kept
+
+    def token_mask(self, texts: Sequence[str], strict: bool = False) -> torch.Tensor:
+        """`encode`'s mask, with its checks and warnings (a snapped prompt is named: it needs the network)."""
+        return self.encode(texts, strict)[1]
 
     def encode(self, texts: Sequence[str], strict: bool = False):
         texts = check_texts(texts)

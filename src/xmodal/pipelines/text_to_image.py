@@ -45,7 +45,7 @@ class TextToImagePipeline:
         (empty, not text, or unknown words when `strict`)."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _, mask, _ = self.model.text_encoder.encode(check_texts(prompts), strict=strict)
+            mask = self.model.text_encoder.token_mask(check_texts(prompts), strict=strict)
         self.model.check_lengths(mask)
         return [str(w.message) for w in caught]
 
