@@ -179,26 +179,27 @@ class OnnxCaptioner:
         """A PIL image as the model's evaluation preset makes it: (3, H, W) float32."""
         return self._preprocess.array(image)
 
-    def caption_arrays(self, arrays: Sequence[np.ndarray], **limits) -> list[str]:
-        """Captions for preprocessed images, one batch."""
-        return [" ".join(self.words[i] for i in ids) for ids in self.decode(np.stack(arrays), **limits)]
+    def caption_batch(self, batch: np.ndarray, **limits) -> list[str]:
+        """Captions for a batch of preprocessed images (B, 3, H, W)."""
+        return [" ".join(self.words[i] for i in ids) for ids in self.decode(batch, **limits)]
 
     def describe_files(self, paths: Sequence[Path], batch_size: int = 64, on_skip=None,
                        **limits) -> Iterator[tuple[Path, str]]:
         """(path, caption) for each readable image file, as `ImageToTextPipeline.describe_files`
         gives them: an unreadable file goes to `on_skip` and is skipped alone."""
-        for good, arrays, errors in read_batches(list(paths), batch_size, self.preprocess):
+        for good, pixels, errors in read_batches(list(paths), batch_size, self._preprocess.pixels):
             for path, error in errors:
                 if on_skip is not None:
                     on_skip(path, error)
-            if arrays:
-                yield from zip(good, self.caption_arrays(arrays, **limits))
+            if pixels:
+                yield from zip(good, self.caption_batch(self._preprocess.stack(pixels), **limits))
 
     def __call__(self, images: Sequence, batch_size: int = 64, **limits) -> list[str]:
         """Captions for PIL images."""
         out = []
         for start in range(0, len(images), batch_size):
-            out += self.caption_arrays([self.preprocess(im) for im in images[start:start + batch_size]], **limits)
+            pixels = [self._preprocess.pixels(im) for im in images[start:start + batch_size]]
+            out += self.caption_batch(self._preprocess.stack(pixels), **limits)
         return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
@@ -146,6 +146,10 @@ class Preprocess:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if preset == "imagenet224" else ((0.5,) * 3, (0.5,) * 3)
         self.mean = np.asarray(mean, np.float32)[:, None, None]
         self.std = np.asarray(std, np.float32)[:, None, None]
+        # each channel's 256 values, scaled then normalized as torchvision does it (the same float32
+        # operations, so the same numbers): a lookup per pixel, a third of the time of the arithmetic
+        levels = np.arange(256, dtype=np.float32)[None] * np.float32(1 / 255)
+        self._levels = (levels - self.mean[:, :, 0]) / self.std[:, :, 0]  # (3, 256)
 
     def __call__(self, img: Image.Image):
         """The (3, H, W) float tensor."""
@@ -155,14 +159,22 @@ class Preprocess:
 
     def array(self, img: Image.Image) -> np.ndarray:
         """The same as a numpy array (3, H, W) float32: no torch needed (the ONNX runtime's path)."""
-        pixels = np.asarray(self.geometry(img))
-        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (1 or 3, H, W) uint8
-        array = np.empty((3, *pixels.shape[1:]), np.float32)
-        array[...] = pixels  # a gray plane to all three channels
-        # in place, the same operations as torchvision's (scale, then normalize): half the time of new arrays
-        array *= np.float32(1 / 255)
-        array -= self.mean
-        array /= self.std
+        return self.stack([self.pixels(img)])[0]
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        """The picture resized / cropped / padded as the preset does, as uint8 (H, W) or (H, W, 3):
+        the per-picture half of `array`, which `stack` finishes for a whole batch at once."""
+        return np.asarray(self.geometry(img))
+
+    def stack(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """`pixels` of a batch -> (B, 3, H, W) float32, scaled and normalized together."""
+        if len({p.shape for p in pixels}) > 1:  # gray planes beside colour pictures: gray to all three
+            pixels = [p[..., None].repeat(3, -1) if p.ndim == 2 else p for p in pixels]
+        batch = np.stack(pixels)
+        batch = batch[..., None] if batch.ndim == 3 else batch  # (B, H, W, 1 or 3) uint8
+        array = np.empty((len(batch), 3, *batch.shape[1:3]), np.float32)
+        for c in range(3):  # a gray plane to all three channels
+            array[:, c] = self._levels[c][batch[..., c % batch.shape[-1]]]
         return array
 
     def __repr__(self) -> str:
