@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from xmodal.cli import main
-from xmodal.data.images import ImageLoadError, load_image, make_transform
+from xmodal.data.images import ImageLoadError, Preprocess, load_image, make_transform, plain_png
 from xmodal.data.prepared import CaptionDataset, DataFormatError, read_records
 from xmodal.data.shapes import ShapesDataset
 from xmodal.data.text import Vocabulary, clean_caption
@@ -58,6 +58,30 @@ def test_decompression_bomb_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         load_image(tmp_path / "big.png")
+
+
+def test_plain_pngs_skip_pillow_and_give_its_pixels_everything_else_goes_to_pillow(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    files = {"rgb": Image.fromarray(rgb), "gray": Image.fromarray(rgb[..., 0]), "alpha": Image.fromarray(rgb).convert("RGBA"),
+             "palette": Image.fromarray(rgb).convert("P"), "small": Image.fromarray(rgb[:32, :32])}
+    for name, image in files.items():
+        image.save(tmp_path / f"{name}.png")
+    whole = (tmp_path / "rgb.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "no-end.png").write_bytes(whole[:-12])
+    flipped = bytearray(whole)
+    flipped[60] ^= 0xFF  # inside the compressed pixels: the chunk's CRC no longer fits
+    (tmp_path / "flipped.png").write_bytes(bytes(flipped))
+    fast = {p.stem for p in tmp_path.iterdir() if plain_png(p, 64, (0, 2)) is not None}
+    assert fast == {"rgb", "gray"}
+    assert plain_png(tmp_path / "rgb.png", 32, (0, 2)) is None and plain_png(tmp_path / "rgb.png", 64, (0,)) is None
+    preprocess = Preprocess("shapes64")
+    for name in ("rgb", "gray", "alpha", "palette", "small", "no-end"):
+        expected = preprocess.stack([preprocess.pixels(load_image(tmp_path / f"{name}.png"))])
+        assert np.array_equal(preprocess.stack([preprocess.load(tmp_path / f"{name}.png")]), expected), name
+    for name in ("cut", "flipped"):  # Pillow names the fault
+        with pytest.raises(ImageLoadError, match=f"{name}.png: corrupt"):
+            preprocess.load(tmp_path / f"{name}.png")
 
 
 def test_presets_shapes():

@@ -187,7 +187,7 @@ class OnnxCaptioner:
                        **limits) -> Iterator[tuple[Path, str]]:
         """(path, caption) for each readable image file, as `ImageToTextPipeline.describe_files`
         gives them: an unreadable file goes to `on_skip` and is skipped alone."""
-        for good, pixels, errors in read_batches(list(paths), batch_size, self._preprocess.pixels):
+        for good, pixels, errors in read_batches(list(paths), batch_size, self._preprocess.load):
             for path, error in errors:
                 if on_skip is not None:
                     on_skip(path, error)

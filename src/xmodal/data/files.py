@@ -33,21 +33,22 @@ def yield_to_the_model() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
-def read_batches(paths: list[Path], batch_size: int, prepare=None):
+def read_batches(paths: list[Path], batch_size: int, load=None):
     """(readable paths, their PIL images, [(path, ImageLoadError)]) per batch of `paths`, the next
     batch decoded on a thread while the caller works on this one (a model call releases the GIL;
-    reading and preprocessing PNGs was a fifth of `xmodal caption DIR`). With `prepare`, the
-    images are `prepare(image)` instead. An unreadable file is reported, not raised."""
+    reading and preprocessing PNGs was a fifth of `xmodal caption DIR`). With `load`, the items
+    are `load(path)` (e.g. `Preprocess.load`) instead. An unreadable file is reported, not raised."""
     from concurrent.futures import ThreadPoolExecutor
 
     from xmodal.data.images import ImageLoadError, load_image
+
+    load = load_image if load is None else load
 
     def read(start: int):
         good, images, errors = [], [], []
         for path in map(Path, paths[start:start + batch_size]):
             try:
-                image = load_image(path)
-                images.append(image if prepare is None else prepare(image))
+                images.append(load(path))
                 good.append(path)
             except ImageLoadError as e:
                 errors.append((path, e))
