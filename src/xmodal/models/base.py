@@ -45,9 +45,16 @@ MAX_NEGATIVE_CHARS = 500
 CPU_CHUNK = 8
 
 
-def in_cpu_chunks(fn, x: torch.Tensor):
-    """fn(x), computed CPU_CHUNK rows at a time on a CPU; fn returns a tensor or a dict of tensors."""
-    return in_cpu_row_chunks(lambda rows: fn(x[rows]), len(x), x.device)
+def in_cpu_chunks(fn, x: torch.Tensor, chunk: int = CPU_CHUNK):
+    """fn(x), computed `chunk` rows at a time on a CPU; fn returns a tensor or a dict of tensors."""
+    return in_cpu_row_chunks(lambda rows: fn(x[rows]), len(x), x.device, chunk)
+
+
+def image_chunk(images: torch.Tensor) -> int:
+    """Rows per call of an image encoder on a CPU: CPU_CHUNK at 64 px and above, as many pictures
+    as hold the same pixels below (fashion-captioner's 32 px encoder: 2,100-2,370 captions/s in
+    calls of 32-64 against 1,384-1,628 in calls of 8)."""
+    return max(CPU_CHUNK, CPU_CHUNK * 64 * 64 // (images.shape[-2] * images.shape[-1]))
 
 
 def in_cpu_row_chunks(fn, count: int, device, chunk: int = CPU_CHUNK):

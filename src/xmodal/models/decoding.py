@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from xmodal.data.text import Vocabulary
-from xmodal.models.base import in_cpu_chunks
+from xmodal.models.base import image_chunk, in_cpu_chunks
 
 Method = Literal["greedy", "beam", "sample"]
 METHODS: tuple[str, ...] = ("greedy", "beam", "sample")
@@ -93,7 +93,7 @@ def decode(model, images: torch.Tensor, options: DecodeOptions | None = None,
            generator: torch.Generator | None = None, return_attention: bool = False) -> list[Decoded]:
     """Caption a batch of preprocessed images (B, 3, H, W)."""
     options = options or DecodeOptions()
-    memory = in_cpu_chunks(model.encode_images, images)
+    memory = in_cpu_chunks(model.encode_images, images, image_chunk(images))
     state = model.init_state(memory)
     if options.method == "beam" and options.beam_size > 1:
         decoded = _beam(model, state, options, return_attention)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xmodal.data.images import ImageLoadError, load_image, make_transform
+from xmodal.data.images import ImageLoadError, Preprocess, load_image, make_transform
 from xmodal.models.decoding import DecodeOptions, decode
 
 ImageLike = Image.Image | str | Path | np.ndarray
@@ -49,8 +49,13 @@ class ImageToTextPipeline:
     def name(self) -> str:
         return self.model.source or self.model.registry_name
 
-    def _to_tensor(self, image: ImageLike) -> torch.Tensor:
-        return self.transform(to_image(image))
+    def _batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Images -> the model's (B, 3, H, W) input on its device, normalized a batch at a time."""
+        if isinstance(self.transform, Preprocess):
+            batch = torch.from_numpy(self.transform.stack([self.transform.pixels(to_image(im)) for im in images]))
+        else:
+            batch = torch.stack([self.transform(to_image(im)) for im in images])
+        return batch.to(self.model.device)
 
     @torch.no_grad()
     def image_features(self, images: Sequence[ImageLike], batch_size: int = 256) -> torch.Tensor:
@@ -58,7 +63,7 @@ class ImageToTextPipeline:
         search among pictures as this captioner sees them)."""
         out = []
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([self._to_tensor(im) for im in images[start:start + batch_size]]).to(self.model.device)
+            batch = self._batch(images[start:start + batch_size])
             out.append(torch.nn.functional.normalize(self.model.image_encoder.forward_pooled(batch).float(), dim=-1).cpu())
         return torch.cat(out)
 
@@ -68,9 +73,8 @@ class ImageToTextPipeline:
         """Captions with scores (and attention grids) for each image, in order."""
         opts = replace(self.options, **options) if options else self.options
         results = []
-        device = self.model.device
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([self._to_tensor(im) for im in images[start:start + batch_size]]).to(device)
+            batch = self._batch(images[start:start + batch_size])
             for d in decode(self.model, batch, opts, generator=generator, return_attention=return_attention):
                 words = [self.vocab.words[i] for i in d.tokens]
                 attention = None
