@@ -1,12 +1,15 @@
 """End-to-end throughput of the command line's batch paths against the same work in process.
 
     python benchmarks/cli_batch.py [--images 5000] [--prompts 1000] [--batch-size 256] [--repeats 3]
+                                   [--cli-batch-size N]
 
 `xmodal caption DIR` over DIR of `--images` fresh Shapes PNGs, and `xmodal generate
 --prompts-file` over `--prompts` fresh Shapes prompts, each a new process timed from start to
 exit (start-up, loading, reading and writing files included), with the default models and
-runtime. Beside each, the in-process batched rate of the same model and runtime on the same
-inputs (files already decoded), and the ratio: how much of the batched speed a user gets.
+runtime, and the command line's own default batch size unless `--cli-batch-size` names one (as a
+user runs it). Beside each, the in-process batched rate of the same model and runtime on the same
+inputs (files already decoded; `--batch-size` captions, at most 64 prompts, a batch), and the
+ratio: how much of the batched speed a user gets.
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ def trials(cli: list[str], in_process, count: int, repeats: int, before=None) ->
     return {"runs": runs, "ratio_median": statistics.median(r["ratio"] for r in runs)}
 
 
-def captions(folder: Path, count: int, batch: int, repeats: int) -> dict:
+def cli_batch(size: int | None) -> list[str]:
+    return [] if size is None else ["--batch-size", str(size)]
+
+
+def captions(folder: Path, count: int, batch: int, repeats: int, cli_size: int | None) -> dict:
     from xmodal.runtime import OnnxCaptioner, find_export
 
     data = ShapesDataset("test", count, seed=93)
@@ -75,12 +82,13 @@ def captions(folder: Path, count: int, batch: int, repeats: int) -> dict:
         import xmodal
 
         runtime, pipe = "torch", xmodal.load(DEFAULT_CAPTIONER)
-    measured = trials(["caption", str(folder), "--batch-size", str(batch), "--json"],
+    measured = trials(["caption", str(folder), *cli_batch(cli_size), "--json"],
                       lambda n: pipe(images[:n], batch_size=batch), count, repeats)
-    return {"model": DEFAULT_CAPTIONER, "runtime": runtime, "images": count, **measured}
+    return {"model": DEFAULT_CAPTIONER, "runtime": runtime, "images": count, "cli_batch_size": cli_size or "default",
+            "in_process_batch_size": batch, **measured}
 
 
-def generations(folder: Path, count: int, batch: int, repeats: int) -> dict:
+def generations(folder: Path, count: int, batch: int, repeats: int, cli_size: int | None) -> dict:
     from xmodal.runtime import OnnxGenerator, find_generator_export
 
     prompts = record_prompts(ShapesDataset("test", count, seed=94).records)
@@ -93,10 +101,11 @@ def generations(folder: Path, count: int, batch: int, repeats: int) -> dict:
 
         runtime, pipe = "torch", xmodal.load(DEFAULT_GENERATOR)
     out = folder / "out"
-    measured = trials(["generate", "--prompts-file", str(folder / "prompts.txt"), "-o", str(out), "--batch-size",
-                       str(batch)], lambda n: pipe(prompts[:n], batch_size=batch), count, repeats,
+    measured = trials(["generate", "--prompts-file", str(folder / "prompts.txt"), "-o", str(out), *cli_batch(cli_size)],
+                      lambda n: pipe(prompts[:n], batch_size=batch), count, repeats,
                       before=lambda: shutil.rmtree(out, ignore_errors=True))
-    return {"model": DEFAULT_GENERATOR, "runtime": runtime, "prompts": count,
+    return {"model": DEFAULT_GENERATOR, "runtime": runtime, "prompts": count, "cli_batch_size": cli_size or "default",
+            "in_process_batch_size": batch,
             "written": len(list(out.glob("*.png"))), **measured}
 
 
@@ -106,13 +115,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="command line / in process pairs per path")
+    parser.add_argument("--cli-batch-size", type=int, help="the command line's --batch-size (default: its own)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "c").mkdir()
         (Path(tmp) / "g").mkdir()
-        result = {"caption_dir": captions(Path(tmp) / "c", args.images, args.batch_size, args.repeats),
+        result = {"caption_dir": captions(Path(tmp) / "c", args.images, args.batch_size, args.repeats,
+                                          args.cli_batch_size),
                   "generate_prompts_file": generations(Path(tmp) / "g", args.prompts, min(args.batch_size, 64),
-                                                       args.repeats)}
+                                                       args.repeats, args.cli_batch_size)}
     print(json.dumps(result))
 
 
