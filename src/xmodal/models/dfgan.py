@@ -83,7 +83,7 @@ class Affine(nn.Module):
 
 
 class GBlock(nn.Module):
-    """Upsample x2, then two (affine, LeakyReLU, conv) fusions, with a residual shortcut."""
+    """Upsample x2, then two (affine, LeakyReLU, conv) fusions, with a residual shortcut (upsampled)."""
 
     def __init__(self, cin: int, cout: int, cond_dim: int, map_channels: int = 0):
         super().__init__()
@@ -92,11 +92,12 @@ class GBlock(nn.Module):
         self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, cond, layout_map=None):  # layout_map (B, M, 2H, 2W), its BoxPlanes, or None
-        x = upsample2x(x)
-        h = F.leaky_relu(self.fuse1(x, cond), 0.2)
+        # the affine, the LeakyReLU and the 1x1 shortcut act on each pixel alone, so they run before
+        # the nearest-neighbour upsampling: the same numbers on a quarter of the pixels
+        h = upsample2x(F.leaky_relu(self.fuse1(x, cond), 0.2))
         h = self.conv1(h) if layout_map is None else conv_over_map(self.conv1, h, layout_map)
         h = self.conv2(F.leaky_relu(self.fuse2(h, cond), 0.2))
-        return self.shortcut(x) + h
+        return upsample2x(self.shortcut(x)) + h
 
 
 def sentence_map(dim: int, out: int) -> nn.Module:
