@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,9 @@ def test_plain_pngs_skip_pillow_and_give_its_pixels_everything_else_goes_to_pill
     flipped = bytearray(whole)
     flipped[60] ^= 0xFF  # inside the compressed pixels: the chunk's CRC no longer fits
     (tmp_path / "flipped.png").write_bytes(bytes(flipped))
+    (tmp_path / "folder.png").mkdir()
+    if Path("/dev/zero").exists():  # endless: never read to the end
+        (tmp_path / "zero.png").symlink_to("/dev/zero")
     fast = {p.stem for p in tmp_path.iterdir() if plain_png(p, 64, (0, 2)) is not None}
     assert fast == {"rgb", "gray"}
     assert plain_png(tmp_path / "rgb.png", 32, (0, 2)) is None and plain_png(tmp_path / "rgb.png", 64, (0,)) is None

@@ -338,9 +338,14 @@ def plain_png(path: str | Path, side: int, colours: tuple[int, ...]) -> np.ndarr
     except ImportError:
         return None
     try:
+        if not os.path.isfile(path):  # a device, a FIFO or a folder under a picture's name: Pillow's concern
+            return None
         with open(path, "rb") as f:
-            data = f.read() if os.fstat(f.fileno()).st_size <= _PLAIN_MAX_BYTES else b""
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(size + 1) if size <= _PLAIN_MAX_BYTES else b""  # bounded even if the file grows
     except OSError:
+        return None
+    if len(data) > _PLAIN_MAX_BYTES:
         return None
     if len(data) < 33 or not data.startswith(_PNG_SIGNATURE):
         return None
