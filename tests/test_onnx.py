@@ -64,7 +64,7 @@ def test_onnx_captions_equal_pytorch_greedy(name, images, tmp_path, capsys):
     expected = pipe([str(p) for p in images], method="greedy")
     runtime = OnnxCaptioner(tmp_path / "onnx")
     assert runtime([Image.open(p).convert("RGB") for p in images], batch_size=5) == expected
-    batch = torch.stack([pipe._to_tensor(str(p)) for p in images[:4]])
+    batch = pipe._batch([str(p) for p in images[:4]])
     with torch.no_grad():
         reference = pipe.model.init_state(pipe.model.encode_images(batch))
     for name_, got in zip(runtime.names, runtime.start(batch.numpy())):
