@@ -1,4 +1,5 @@
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,10 @@ def test_plain_pngs_skip_pillow_and_give_its_pixels_everything_else_goes_to_pill
     flipped = bytearray(whole)
     flipped[60] ^= 0xFF  # inside the compressed pixels: the chunk's CRC no longer fits
     (tmp_path / "flipped.png").write_bytes(bytes(flipped))
+    header = bytearray(whole[:33])
+    header[28] = 1  # Adam7 interlacing, the IHDR's CRC made to fit
+    header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
+    (tmp_path / "adam7.png").write_bytes(bytes(header) + whole[33:])
     (tmp_path / "folder.png").mkdir()
     if Path("/dev/zero").exists():  # endless: never read to the end
         (tmp_path / "zero.png").symlink_to("/dev/zero")

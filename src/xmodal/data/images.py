@@ -329,10 +329,10 @@ _PLAIN_MAX_BYTES = 1 << 20  # a side x side PNG of a preset is a few KB; a large
 
 
 def plain_png(path: str | Path, side: int, colours: tuple[int, ...]) -> np.ndarray | None:
-    """The uint8 pixels, (side, side) gray or (side, side, 3), of an 8-bit PNG of one of `colours`
-    with only `_PLAIN_CHUNKS`, decoded by libspng (pyspng: 50 us a 64 px picture against Pillow's
-    170 with `load_image`, the same pixels); None for any other file, or without pyspng, so that
-    Pillow reads it (and names what is wrong with a corrupt one)."""
+    """The uint8 pixels, (side, side) gray or (side, side, 3), of an 8-bit, non-interlaced PNG of one
+    of `colours` with only `_PLAIN_CHUNKS`, decoded by libspng (pyspng: 50 us a 64 px picture
+    against Pillow's 170 with `load_image`, the same pixels); None for any other file, or without
+    pyspng, so that Pillow reads it (and names what is wrong with a corrupt one)."""
     try:
         import pyspng
     except ImportError:
@@ -349,8 +349,8 @@ def plain_png(path: str | Path, side: int, colours: tuple[int, ...]) -> np.ndarr
         return None
     if len(data) < 33 or not data.startswith(_PNG_SIGNATURE):
         return None
-    width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
-    if (width, height, depth) != (side, side, 8) or colour not in colours:
+    width, height, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    if (width, height, depth, interlace) != (side, side, 8, 0) or colour not in colours:  # Adam7 files: Pillow
         return None
     position, kind = 8, b""
     while position + 12 <= len(data):  # every chunk plain, and whole: its CRC checked (libspng let a bad one pass)
