@@ -175,10 +175,6 @@ class OnnxCaptioner:
             tokens = choice.astype(np.int64)
         return words
 
-    def preprocess(self, image) -> np.ndarray:
-        """A PIL image as the model's evaluation preset makes it: (3, H, W) float32."""
-        return self._preprocess.array(image)
-
     def caption_batch(self, batch: np.ndarray, **limits) -> list[str]:
         """Captions for a batch of preprocessed images (B, 3, H, W)."""
         return [" ".join(self.words[i] for i in ids) for ids in self.decode(batch, **limits)]
@@ -198,8 +194,7 @@ class OnnxCaptioner:
         """Captions for PIL images."""
         out = []
         for start in range(0, len(images), batch_size):
-            pixels = [self._preprocess.pixels(im) for im in images[start:start + batch_size]]
-            out += self.caption_batch(self._preprocess.stack(pixels), **limits)
+            out += self.caption_batch(self._preprocess.batch(images[start:start + batch_size]), **limits)
         return out
 
 

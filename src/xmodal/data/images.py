@@ -147,12 +147,10 @@ class Preprocess:
         self.preset = preset
         self.geometry = _GEOMETRY[preset]
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if preset == "imagenet224" else ((0.5,) * 3, (0.5,) * 3)
-        self.mean = np.asarray(mean, np.float32)[:, None, None]
-        self.std = np.asarray(std, np.float32)[:, None, None]
         # each channel's 256 values, scaled then normalized as torchvision does it (the same float32
         # operations, so the same numbers): a lookup per pixel, a third of the time of the arithmetic
         levels = np.arange(256, dtype=np.float32)[None] * np.float32(1 / 255)
-        self._levels = (levels - self.mean[:, :, 0]) / self.std[:, :, 0]  # (3, 256)
+        self._levels = (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]  # (3, 256)
 
     def __call__(self, img: Image.Image):
         """The (3, H, W) float tensor."""
@@ -162,7 +160,11 @@ class Preprocess:
 
     def array(self, img: Image.Image) -> np.ndarray:
         """The same as a numpy array (3, H, W) float32: no torch needed (the ONNX runtime's path)."""
-        return self.stack([self.pixels(img)])[0]
+        return self.batch([img])[0]
+
+    def batch(self, images: Iterable[Image.Image]) -> np.ndarray:
+        """PIL images -> (B, 3, H, W) float32, normalized together (`pixels`, then `stack`)."""
+        return self.stack([self.pixels(img) for img in images])
 
     def load(self, path: str | Path) -> np.ndarray:
         """`pixels` of an image file: a plain PNG already at the preset's size straight from its
@@ -345,9 +347,7 @@ def plain_png(path: str | Path, side: int, colours: tuple[int, ...]) -> np.ndarr
             data = f.read(size + 1) if size <= _PLAIN_MAX_BYTES else b""  # bounded even if the file grows
     except OSError:
         return None
-    if len(data) > _PLAIN_MAX_BYTES:
-        return None
-    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE):
+    if not 33 <= len(data) <= _PLAIN_MAX_BYTES or not data.startswith(_PNG_SIGNATURE):
         return None
     width, height, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
     if (width, height, depth, interlace) != (side, side, 8, 0) or colour not in colours:  # Adam7 files: Pillow

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from xmodal.models.base import in_cpu_row_chunks
 from xmodal.models.generation import TextToImageModel, stage_sizes
 from xmodal.models.image_encoders import upsample2x
 from xmodal.models.layout import LayoutConfig, conv_over_map
@@ -70,9 +69,6 @@ class UpStage(nn.Module):
         x = upsample2x(x)
         x = self.conv(x) if layout_map is None else conv_over_map(self.conv, x, layout_map)
         return nn.functional.silu(self.film(self.norm(x), cond))
-
-
-DECODE_CHUNK = 16  # rows per decoder call on a CPU when generating (shapes-vae: batches of 256 ran at half the speed of 64)
 
 
 @register_model("cvae")
@@ -146,9 +142,4 @@ class ConditionalVAE(TextToImageModel):
         mu_p, logvar_p = self.prior(cond).chunk(2, dim=-1)
         eps = self.noise(seeds, (self.config.z_dim,), cond.device)
         z = mu_p + self.config.temperature * eps * (0.5 * logvar_p).exp()
-
-        def rows_of(rows):  # a few rows at a time on a CPU, the layout as planes (`conv_over_map`), as DF-GAN draws
-            maps = self.paint_layout(layout, self.map_sizes, rows, planes=True) if layout is not None else None
-            return self.decode(z[rows], cond[rows], maps)
-
-        return in_cpu_row_chunks(rows_of, len(z), z.device, DECODE_CHUNK)
+        return self.in_drawing_chunks(lambda rows, maps: self.decode(z[rows], cond[rows], maps), len(z), z.device, layout)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from xmodal.models.base import CPU_CHUNK, DRAW, LAYOUT, in_cpu_row_chunks
+from xmodal.models.base import CPU_CHUNK, DRAW, LAYOUT
 from xmodal.models.generation import TextToImageModel, stage_sizes
 from xmodal.models.image_encoders import channels_last, upsample2x
 from xmodal.models.layout import LayoutConfig, conv_over_map
@@ -203,7 +203,6 @@ class DFGAN(TextToImageModel):
     capabilities = frozenset({LAYOUT, DRAW})
     draw_rows = CPU_CHUNK  # the ONNX runtime's draw graph ran fastest in calls of 4-16 rows here (1,140-1,250
     # images/s for shapes-gan, 1,030 in calls of 64): a few pictures' activations stay in the cache
-    draw_chunk = 16  # PyTorch's rows per generator call on a CPU (`draw`): 16 drew 10-30% faster than 8 or 64 here
 
     def __init__(self, config: DFGANConfig, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)
@@ -322,9 +321,5 @@ class DFGAN(TextToImageModel):
     def draw(self, noise, tokens, mask, pooled, layout=None) -> torch.Tensor:
         """Standard-normal z (B, z_dim), the sentence vector and a sampled layout (or None) -> pictures."""
         z, sentence = noise * self.config.temperature, self._sentence(pooled)
-
-        def rows_of(rows):  # a few rows at a time on a CPU: the 32-64 px maps and activations then stay in cache
-            maps = self.paint_layout(layout, self.map_sizes, rows, planes=True) if layout is not None else None
-            return self.generator(z[rows], sentence[rows], maps)
-
-        return in_cpu_row_chunks(rows_of, len(z), z.device, self.draw_chunk)
+        return self.in_drawing_chunks(lambda rows, maps: self.generator(z[rows], sentence[rows], maps),
+                                      len(z), z.device, layout)

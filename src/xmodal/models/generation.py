@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from xmodal.models.base import LAYOUT
+from xmodal.models.base import LAYOUT, in_cpu_row_chunks
 from xmodal.models.layout import LayoutModel, layout_generators
 from xmodal.models.layout_draws import check_length
 from xmodal.models.text_encoders import WordTextEncoder
@@ -42,6 +42,9 @@ class TextToImageModel(WithTextEncoder):
     task = "text-to-image"
     capabilities = frozenset({LAYOUT})
     draw_rows = 0  # DRAW models: rows per call of the exported draw graph that run best on a CPU (0: the whole batch)
+    # PyTorch's rows per image-network call on a CPU when drawing (`in_drawing_chunks`): shapes-gan
+    # drew 10-30% faster in calls of 16 than of 8 or 64, shapes-vae at batch 256 half as fast in one call
+    draw_chunk = 16
 
     def __init__(self, config, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)
@@ -114,6 +117,16 @@ class TextToImageModel(WithTextEncoder):
         slots, boxes, present, labels = (None if t is None else t[rows] for t in layout)
         paint = self.layout.planes if planes else self.layout.paint
         return [paint(slots, boxes, present, s, labels) for s in sizes]
+
+    def in_drawing_chunks(self, draw, count: int, device, layout: tuple[torch.Tensor, ...] | None = None):
+        """draw(rows, maps) over `draw_chunk` rows at a time on a CPU, concatenated; `maps` is that
+        chunk's sampled layout as `BoxPlanes` at `self.map_sizes` (for `conv_over_map`), or None
+        without a layout: the maps and activations of a few pictures stay in the cache."""
+        def rows_of(rows):
+            maps = self.paint_layout(layout, self.map_sizes, rows, planes=True) if layout is not None else None
+            return draw(rows, maps)
+
+        return in_cpu_row_chunks(rows_of, count, device, self.draw_chunk)
 
     def generate_by_draw(self, texts: Sequence[str], seeds: Sequence[int], strict: bool = False) -> torch.Tensor:
         """generate() of a model that declares DRAW: the text, a layout drawn per seed (with a

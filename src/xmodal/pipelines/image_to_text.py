@@ -52,7 +52,7 @@ class ImageToTextPipeline:
     def _batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Images -> the model's (B, 3, H, W) input on its device, normalized a batch at a time."""
         if isinstance(self.transform, Preprocess):
-            batch = torch.from_numpy(self.transform.stack([self.transform.pixels(to_image(im)) for im in images]))
+            batch = torch.from_numpy(self.transform.batch(to_image(im) for im in images))
         else:
             batch = torch.stack([self.transform(to_image(im)) for im in images])
         return batch.to(self.model.device)
