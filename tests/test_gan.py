@@ -198,3 +198,40 @@ def test_a_later_stage_trains_only_the_word_label_reader_of_a_trained_gan(tmp_pa
     assert "names no parameter" in capsys.readouterr().err
     assert train("other", "true", stage[0] + "sentence_dim = 8\n", stage[1]) == 2
     assert "do not fit this config" in capsys.readouterr().err
+
+
+def test_a_subpixel_generator_draws_full_size_pictures_from_half_size_blocks(tmp_path, capsys):
+    """`subpixel`: the blocks stop at half the size and each place gives its 2 x 2 pixels; a later
+    stage starts one from a trained full-size GAN, whose last block and to_rgb have no place in it."""
+    from safetensors.torch import load_file
+
+    from xmodal.cli import main
+
+    with pytest.raises(ValueError, match="subpixel .* d_channels"):
+        tiny_gan(subpixel=True, channels=(32, 16, 8))
+    with pytest.raises(ValueError, match="channels must give 3 widths"):
+        tiny_gan(subpixel=True, d_channels=(8, 8, 16, 32))
+    model = tiny_gan(subpixel=True, channels=(32, 16, 8), d_channels=(8, 8, 16, 32))
+    assert model.map_sizes == (8, 16)
+    assert model.generator(torch.randn(2, 8), torch.randn(2, 16)).shape == (2, 3, 32, 32)
+
+    def train(name, extra_model="", extra_train=""):
+        config = tmp_path / f"{name}.toml"
+        config.write_text('[model]\nname = "dfgan"\ntext_encoder = { kind = "learned", dim = 16 }\nz_dim = 4\n'
+                          'layout = { slots = 2, dim = 16, heads = 2, layers = 1, grid = 8, radius_bins = 4 }\n'
+                          + extra_model + f'\n[data]\ncount = 16\neval_count = 4\n[train]\nout_dir = "{tmp_path / name}"\n'
+                          'steps = 2\nbatch_size = 4\nprogress = false\n' + extra_train)
+        return main(["train", str(config)])
+
+    assert train("full", "channels = [16, 8, 8, 4, 4]\n") == 0
+    first = tmp_path / "full" / "model"
+    capsys.readouterr()
+    assert train("sub", f'channels = [16, 8, 8, 4]\nd_channels = [16, 8, 8, 4, 4]\nsubpixel = true\ninit_from = "{first}"\n',
+                 'trainable = ["generator.blocks.2.", "generator.to_pixels.", "discriminator."]\n') == 0
+    assert "no place for generator.blocks.3, generator.to_rgb of" in capsys.readouterr().err
+    before, after = load_file(first / "model.safetensors"), load_file(tmp_path / "sub" / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith(("generator.blocks.0.", "layout.")))
+    assert not torch.equal(before["generator.blocks.2.conv2.weight"], after["generator.blocks.2.conv2.weight"])
+    import xmodal
+
+    assert xmodal.load(tmp_path / "sub" / "model")(["a red circle"])[0].size == (64, 64)

@@ -371,8 +371,13 @@ def plain_png(path: str | Path, side: int, colours: tuple[int, ...]) -> np.ndarr
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:
     """A (3, H, W) tensor in [-1, 1] -> PIL RGB image."""
-    array = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    return to_pils(tensor[None])[0]
+
+
+def to_pils(batch: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> B PIL RGB images, the levels computed for the batch at once."""
+    levels = ((batch.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return [Image.fromarray(array) for array in levels.permute(0, 2, 3, 1).contiguous().cpu().numpy()]
 
 
 @dataclass

@@ -22,16 +22,19 @@ from xmodal.models.text_encoders import WordTextEncoder
 from xmodal.models.with_text import WithTextEncoder
 
 
-def stage_sizes(name: str, image_size: int, image_channels: int, channels: Sequence[int]) -> list[int]:
+def stage_sizes(name: str, image_size: int, image_channels: int, channels: Sequence[int],
+                subpixel: bool = False) -> list[int]:
     """The sides 4, 8, ..., image_size of a generator that doubles per stage, one width in
-    `channels` each; a 32 or 64 px, grayscale (1) or colour (3) picture, else a clear error."""
+    `channels` each (but the last with `subpixel`: its last stage draws 2 x 2 pixels from each
+    place at half the size); a 32 or 64 px, grayscale (1) or colour (3) picture, else a clear error."""
     if image_size not in (32, 64):
         raise ValueError(f"{name} draws 32 or 64 px images, got image_size={image_size}")
     if image_channels not in (1, 3):
         raise ValueError(f"image_channels must be 1 (grayscale) or 3, got {image_channels}")
     sizes = [4 * 2 ** i for i in range(4 if image_size == 32 else 5)]
-    if len(channels) != len(sizes):
-        raise ValueError(f"channels must give {len(sizes)} widths ({', '.join(map(str, sizes))} px), got {channels}")
+    widths = sizes[:-1] if subpixel else sizes
+    if len(channels) != len(widths):
+        raise ValueError(f"channels must give {len(widths)} widths ({', '.join(map(str, widths))} px), got {channels}")
     return sizes
 
 

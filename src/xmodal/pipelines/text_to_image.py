@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from xmodal.data.images import GeneratedImage, stream_images, to_pil
+from xmodal.data.images import GeneratedImage, stream_images, to_pils
 from xmodal.data.text import check_texts
 from xmodal.models.base import SAMPLER_OPTIONS, GenerateOptions, supports
 
@@ -55,7 +55,7 @@ class TextToImagePipeline:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unknown words are reported by check_prompts
             images = self.model.generate(list(prompts), list(seeds), **(options or GenerateOptions()).given())
-        return [to_pil(img) for img in images]
+        return to_pils(images)
 
     def generate(self, prompts: Sequence[str] | str, n: int = 1, seed: int = 0, batch_size: int = 64,
                  strict: bool = False, progress: Callable[[int], None] | None = None,
