@@ -2,7 +2,7 @@
 
     python benchmarks/recipe.py [--recipe shapes-diffusion] [--root runs/recipe]   (--root must not exist)
 
-Every path under `runs/` in the configs (out_dir, init_from, autoencoder_path) is moved under
+Every path under `runs/` in the configs (out_dir, init_from, autoencoder_path, teacher) is moved under
 --root, so the stages chain onto each other and nothing already trained is touched or reused.
 Prints one JSON line per stage (wall seconds, the stage's last eval metrics) and a summary.
 """
@@ -21,9 +21,9 @@ import tomllib
 RECIPES = {
     "shapes-diffusion": ["configs/shapes-autoencoder.toml", "configs/shapes-decoder.toml",
                          "configs/shapes-diffusion.toml"],
-    "shapes-gan": ["configs/shapes-gan.toml"],
+    "shapes-gan": ["configs/shapes-gan.toml", "configs/shapes-gan-subpixel.toml"],
 }
-PATH_KEYS = {"train": ["out_dir"], "model": ["init_from", "autoencoder_path"]}
+PATH_KEYS = {"train": ["out_dir"], "model": ["init_from", "autoencoder_path", "teacher"]}
 
 
 def moved_paths(config: dict, root: Path) -> list[str]:

@@ -228,10 +228,52 @@ def test_a_subpixel_generator_draws_full_size_pictures_from_half_size_blocks(tmp
     capsys.readouterr()
     assert train("sub", f'channels = [16, 8, 8, 4]\nd_channels = [16, 8, 8, 4, 4]\nsubpixel = true\ninit_from = "{first}"\n',
                  'trainable = ["generator.blocks.2.", "generator.to_pixels.", "discriminator."]\n') == 0
-    assert "no place for generator.blocks.3, generator.to_rgb of" in capsys.readouterr().err
+    assert "no place for generator.blocks.3, generator.to_rgb; left out" in capsys.readouterr().err
     before, after = load_file(first / "model.safetensors"), load_file(tmp_path / "sub" / "model" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in after if k.startswith(("generator.blocks.0.", "layout.")))
     assert not torch.equal(before["generator.blocks.2.conv2.weight"], after["generator.blocks.2.conv2.weight"])
     import xmodal
 
     assert xmodal.load(tmp_path / "sub" / "model")(["a red circle"])[0].size == (64, 64)
+
+
+def test_a_gan_student_learns_to_draw_its_teachers_pictures_with_a_cheaper_generator(tmp_path, capsys):
+    """`[model] teacher` = a trained dfgan: the student takes its config (a subpixel generator over
+    it here) and the weights that fit, keeps the teacher's text encoder, layout stage and
+    discriminator frozen, and trains its generator on the distance to the teacher's pictures."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import xmodal
+    from xmodal.cli import main
+
+    layout = 'layout = { slots = 2, dim = 16, heads = 2, layers = 1, grid = 8, radius_bins = 4 }\n'
+    data = '\n[data]\ncount = 16\neval_count = 4\n'
+
+    def train(name, model, steps=2):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'[model]\nname = "dfgan"\n{model}{data}[train]\nout_dir = "{tmp_path / name}"\n'
+                          f'steps = {steps}\nbatch_size = 4\nlr = 3e-3\nbetas = [0.5, 0.9]\nlog_every = 5\n'
+                          f'eval_every = 0\nprogress = false\n')
+        return main(["train", str(config)])
+
+    assert train("teacher", 'text_encoder = { kind = "learned", dim = 16 }\nz_dim = 4\nchannels = [16, 8, 8, 4, 4]\n'
+                 + layout) == 0
+    teacher = tmp_path / "teacher" / "model"
+    capsys.readouterr()
+    assert train("bad", f'teacher = "{teacher}"\ntext_encoder = {{ kind = "learned", dim = 16 }}\n') == 2
+    assert "teacher's text encoder" in capsys.readouterr().err
+    student = f'teacher = "{teacher}"\nsubpixel = true\nchannels = [16, 8, 8, 4]\nd_channels = [16, 8, 8, 4, 4]\n'
+    assert train("student", student, steps=40) == 0
+    assert "no place for generator.blocks.3, generator.to_rgb; left out" in capsys.readouterr().err
+    logs = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    l1 = [row["distill_l1"] for row in logs if "distill_l1" in row]
+    assert len(l1) >= 4 and sum(l1[-2:]) < 0.7 * sum(l1[:2])  # it learns the teacher's pictures
+    before, after = load_file(teacher / "model.safetensors"), load_file(tmp_path / "student" / "model" / "model.safetensors")
+    frozen = [k for k in after if not k.startswith("generator.") and k != "step"]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["generator.blocks.0.conv1.weight"], after["generator.blocks.0.conv1.weight"])
+    saved = json.loads((tmp_path / "student" / "model" / "config.json").read_text())
+    assert saved["config"]["teacher"] == str(teacher) and saved["config"]["subpixel"] is True
+    assert xmodal.load(tmp_path / "student" / "model")(["a red circle"])[0].size == (64, 64)

@@ -237,3 +237,22 @@ def test_min_gap_keeps_sampled_boxes_apart():
     # without the constraint an untrained layout lets boxes touch
     free_gap = (free[:, 0, :2] - free[:, 1, :2]).norm(dim=-1) - free[:, 0, 2] - free[:, 1, 2]
     assert (free_gap < 3.0).any()
+
+
+def test_boxes_are_picked_as_torch_multinomial_picks_them_row_by_row():
+    """The batched pick draws each row from its own generator exactly what torch.multinomial drew
+    (the bundled models' boxes, and so their pictures, stay those their numbers were measured on)."""
+    import numpy as np
+
+    from xmodal.models.layout import layout_generators, pick_per_row
+
+    rng = np.random.default_rng(0)
+    for bins in (26, 1024):
+        probs = rng.random((64, bins)).astype(np.float32) ** 4
+        probs[:, : bins // 3] = 0  # zeroed bins, as keep_apart leaves them
+        probs /= probs.sum(1, keepdims=True)
+        seeds = range(100, 164)
+        expected = [int(torch.multinomial(torch.from_numpy(row), 1, generator=g))
+                    for row, g in zip(probs, layout_generators(seeds))]
+        picked = pick_per_row(probs, layout_generators(seeds))
+        assert picked.tolist() == expected and picked.min() >= bins // 3

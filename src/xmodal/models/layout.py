@@ -48,7 +48,7 @@ from torch import nn
 from xmodal.models.layout_draws import CANVAS, LayoutConfig, check_length, sample_boxes
 
 __all__ = ["CANVAS", "BoxPlanes", "LayoutConfig", "LayoutModel", "WordLabels", "box_planes", "conv_over_map",
-           "layout_generators", "paint_boxes"]
+           "layout_generators", "paint_boxes", "pick_per_row"]
 
 
 def _read_slots(decoder: nn.Module, queries: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -171,15 +171,12 @@ class LayoutModel(nn.Module):
         def centre(context, r_bin):
             return self.centre_probs(context, torch.from_numpy(r_bin).to(device)).cpu().numpy()
 
-        def pick(probs):
-            return np.array([int(torch.multinomial(torch.from_numpy(row), 1, generator=g))
-                             for row, g in zip(probs, generators)], dtype=np.int64)
-
         def uniform():
             return np.stack([torch.rand(4, generator=g).numpy() for g in generators])
 
         p_present = torch.sigmoid(self.presence(slots).squeeze(-1)).float().cpu().numpy()  # (B, K)
-        boxes, present = sample_boxes(self.config, p_present, radius, centre, pick, uniform)
+        boxes, present = sample_boxes(self.config, p_present, radius, centre,
+                                     lambda probs: pick_per_row(probs, generators), uniform)
         return torch.from_numpy(boxes).to(device=device, dtype=slots.dtype), torch.from_numpy(present).to(device)
 
     def predict_labels(self, slots: torch.Tensor, words: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -280,6 +277,16 @@ def conv_over_map(conv: nn.Conv2d, h: torch.Tensor, layout_map: torch.Tensor | B
     height, width = planes.shape[-2:]
     from_map = F.conv2d(planes.reshape(1, b * (k + 2), height, width), kernels, padding=1, groups=b)
     return out + from_map.view(b, cout, height, width)
+
+
+def pick_per_row(probs: np.ndarray, generators: Sequence[torch.Generator]) -> np.ndarray:
+    """One bin per row of probs (B, N), row i drawn from generators[i]: what
+    `torch.multinomial(row, 1, generator=g)` draws, row by row (it takes argmax(row / q) with
+    q ~ Exp(1) from g), with only the draws made per row and the division and argmax batched."""
+    q = torch.empty(probs.shape, dtype=torch.float32)
+    for row, g in zip(q, generators):
+        row.exponential_(generator=g)
+    return (probs.astype(np.float32) / q.numpy()).argmax(1).astype(np.int64)
 
 
 def layout_generators(seeds: Sequence[int], offset: int = 7_919) -> list[torch.Generator]:

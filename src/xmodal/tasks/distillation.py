@@ -1,11 +1,16 @@
-"""Distilling a diffusion teacher into a few-step student (`distilled-diffusion`, see
-`xmodal.models.distilled`): the `text-to-image` recipe with `[model] teacher = "<name or folder>"`.
+"""Students of a trained generator: the `text-to-image` recipe with `[model] teacher = "<name or folder>"`.
 
-The student's training set is not pictures but the teacher's sampling trajectories: one per
-training record (a random one of its captions, seed 10^6 + i), recorded once with the teacher's
-own sampler, steps and guidance, and kept in the run folder (`trajectories.pt`, written block by
-block, so a killed recording continues where it stopped). The evaluation is the task's own:
-the student's pictures measured like any generator's.
+A diffusion teacher (`distilled-diffusion`, see `xmodal.models.distilled`): the student's
+training set is not pictures but the teacher's sampling trajectories: one per training record
+(a random one of its captions, seed 10^6 + i), recorded once with the teacher's own sampler,
+steps and guidance, and kept in the run folder (`trajectories.pt`, written block by block, so a
+killed recording continues where it stopped).
+
+A GAN teacher (`dfgan`, `gan_student`): the student is the teacher's config with the recipe's
+values over it (a cheaper generator), its weights where they fit; its generator learns the
+teacher's picture for each batch's texts, true boxes and z (`DFGAN.distillation_loss`).
+
+The evaluation is the task's own: the student's pictures measured like any generator's.
 """
 
 from __future__ import annotations
@@ -45,10 +50,12 @@ def collate(items) -> dict:
 
 
 def build_student(name: str, values: dict, data: TrainData, seed: int, teacher: str):
-    """The student: the teacher's config and weights, its UNet to train; and its training set,
-    the teacher's trajectories (which replace `data.train`)."""
+    """The student of a latent-diffusion teacher: the teacher's config and weights, its UNet to
+    train; and its training set, the teacher's trajectories (which replace `data.train`). A dfgan
+    teacher of a dfgan student: `gan_student` (the training set stays the records)."""
     from dataclasses import asdict
 
+    from xmodal.models.dfgan import DFGAN
     from xmodal.models.diffusion import LatentDiffusion
     from xmodal.models.hub import load_model
     from xmodal.models.registry import create_model
@@ -57,9 +64,11 @@ def build_student(name: str, values: dict, data: TrainData, seed: int, teacher: 
         source = load_model(teacher)
     except (OSError, ValueError) as e:
         raise ConfigError(f"[model] teacher {teacher!r}: {e}") from None
+    if isinstance(source, DFGAN) and name == source.registry_name:
+        return gan_student(name, values, source, teacher)
     if type(source) is not LatentDiffusion:
         raise ConfigError(f"[model] teacher {teacher!r} is a {source.registry_name}; a student learns from a "
-                          f"latent-diffusion model")
+                          f"latent-diffusion model, or a dfgan student from a dfgan")
     inherited = {k: v for k, v in asdict(source.config).items() if k not in ("text_encoder", "autoencoder")}
     try:
         student = create_model(name, **{**inherited, **values, "teacher": str(teacher),
@@ -71,6 +80,50 @@ def build_student(name: str, values: dict, data: TrainData, seed: int, teacher: 
     student.requires_grad_(False).unet.requires_grad_(True)  # text encoder, layout, autoencoder: the teacher's
     data.train = record(source, student, data, seed)
     return student
+
+
+def gan_student(name: str, values: dict, source, teacher: str):
+    """A GAN student: the teacher GAN's config with `values` over it (e.g. a cheaper generator),
+    its weights where they fit (the parts it drops named), its text encoder and layout stage,
+    frozen: only the generator trains, on the teacher's pictures (`DFGAN.learn_from`)."""
+    import copy
+    from dataclasses import asdict
+
+    from xmodal.models.registry import create_model
+
+    if "text_encoder" in values:
+        raise ConfigError("[model] text_encoder: a GAN student reads with its teacher's text encoder; leave it out")
+    inherited = {k: v for k, v in asdict(source.config).items() if k != "text_encoder"}
+    try:
+        student = create_model(name, **{**inherited, **values, "teacher": str(teacher)},
+                               text_encoder=copy.deepcopy(source.text_encoder))
+    except ValueError as e:
+        raise ConfigError(f"[model]: {e}") from None
+    copy_weights(student, source, f"teacher {teacher}")
+    student.requires_grad_(False).generator.requires_grad_(True)
+    student.learn_from(source)
+    return student
+
+
+def copy_weights(model, trained, label: str) -> None:
+    """Every weight of `trained` into `model`, which may add parts of its own or leave some of
+    that model's out (named on stderr); a weight of another shape is an error."""
+    source, mine = trained.state_dict(), model.state_dict()
+    misfit = [k for k, v in source.items() if k in mine and mine[k].shape != v.shape]
+    if misfit or not set(source) & set(mine):
+        raise ConfigError(f"[model] {label}: its weights do not fit this config (e.g. "
+                          f"{(misfit or list(source))[0]}): give the model settings it was trained with")
+    left_out = sorted({_first_missing(k, mine) for k in source if k not in mine})
+    if left_out:
+        print(f"{label}: this config has no place for {', '.join(left_out)}; left out", file=sys.stderr)
+    model.load_state_dict({**mine, **{k: v.to(mine[k].dtype) for k, v in source.items() if k in mine}})
+
+
+def _first_missing(key: str, names: dict) -> str:
+    """The shortest dotted prefix of `key` that begins no name in `names` (the part a model lacks)."""
+    parts = key.split(".")
+    return next(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                if not any(n == p or n.startswith(p + ".") for n in names))
 
 
 def teacher_steps(teacher, student) -> list[int]:

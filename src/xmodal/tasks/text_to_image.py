@@ -80,36 +80,19 @@ def build(name: str, values: dict, data: TrainData, seed: int, autoencoder_path:
 
 
 def _init_from(model, init_from: str) -> None:
-    """Every weight of the trained generator `init_from` into `model`, which may add parts of its
-    own or leave some of that model's out (named on stderr); a weight of another shape is an error."""
-    import sys
-
+    """Every weight of the trained generator `init_from` into `model` (`distillation.copy_weights`:
+    the parts either has alone named, a weight of another shape an error), the same vocabulary."""
     from xmodal.models.hub import load_model
+    from xmodal.tasks.distillation import copy_weights
 
     try:
         trained = load_model(init_from)
     except (ValueError, OSError) as e:
         raise ConfigError(f"[model] init_from {init_from!r}: {e}") from None
-    source, mine = trained.state_dict(), model.state_dict()
-    misfit = [k for k, v in source.items() if k in mine and mine[k].shape != v.shape]
-    if misfit or not set(source) & set(mine):
-        raise ConfigError(f"[model] init_from {init_from!r}: its weights do not fit this config (e.g. "
-                          f"{(misfit or list(source))[0]}): give the model settings it was trained with")
-    left_out = sorted({_first_missing(k, mine) for k in source if k not in mine})
-    if left_out:
-        print(f"init_from: this config has no place for {', '.join(left_out)} of {init_from}; left out", file=sys.stderr)
-    source = {k: v for k, v in source.items() if k in mine}
     if trained.config.text_encoder.words != model.config.text_encoder.words:  # the same ids for the same words
         raise ConfigError(f"[model] init_from {init_from!r}: its text encoder's vocabulary is not the one these "
                           f"training captions give")
-    model.load_state_dict({**mine, **{k: v.to(mine[k].dtype) for k, v in source.items()}})
-
-
-def _first_missing(key: str, names: dict) -> str:
-    """The shortest dotted prefix of `key` that begins no name in `names` (the part a model lacks)."""
-    parts = key.split(".")
-    return next(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-                if not any(n == p or n.startswith(p + ".") for n in names))
+    copy_weights(model, trained, f"init_from {init_from}")
 
 
 def collate(model, data: TrainData):
