@@ -7,9 +7,9 @@
 --prompts-file` over `--prompts` fresh Shapes prompts, each a new process timed from start to
 exit (start-up, loading, reading and writing files included), with the default models and
 runtime, and the command line's own default batch size unless `--cli-batch-size` names one (as a
-user runs it). Beside each, the in-process batched rate of the same model and runtime on the same
-inputs (files already decoded; `--batch-size` captions, at most 64 prompts, a batch), and the
-ratio: how much of the batched speed a user gets.
+user runs it). Around each, the in-process batched rate of the same model and runtime on the same
+inputs (files already decoded; `--batch-size` captions, at most 64 prompts, a batch), just before
+and just after it, and the ratio to their mean: how much of the batched speed a user gets.
 """
 
 from __future__ import annotations
@@ -50,17 +50,22 @@ def in_process_rate(fn, count: int) -> float:
 
 
 def trials(cli: list[str], in_process, count: int, repeats: int, before=None) -> dict:
-    """The command line and the in-process run taking turns `repeats` times (this machine's speed
-    drifts by tens of percent within minutes, so each ratio compares neighbours): each pair's
-    numbers, and the median ratio."""
+    """The command line between two in-process runs, `repeats` times (this machine's speed drifts
+    by tens of percent within minutes, so each ratio compares the command line with the mean of
+    its two neighbours, the run just before and the run just after it): each run's numbers, and
+    the median ratio."""
     runs = []
+    rate_before = in_process_rate(in_process, count)
     for _ in range(repeats):
         if before is not None:
             before()
         seconds = timed(cli)
-        rate = in_process_rate(in_process, count)
+        rate_after = in_process_rate(in_process, count)
+        rate = (rate_before + rate_after) / 2
         runs.append({"cli_seconds": round(seconds, 2), "cli_per_s": round(count / seconds, 1),
-                     "in_process_per_s": round(rate, 1), "ratio": round(count / seconds / rate, 3)})
+                     "in_process_per_s": [round(rate_before, 1), round(rate_after, 1)],
+                     "ratio": round(count / seconds / rate, 3)})
+        rate_before = rate_after
     return {"runs": runs, "ratio_median": statistics.median(r["ratio"] for r in runs)}
 
 

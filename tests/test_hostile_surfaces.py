@@ -78,6 +78,13 @@ def test_generate_streams_and_a_rerun_skips_what_exists(models, tmp_path, capsys
     again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [x["file"] for x in again] == [victim]
     assert np.abs(np.asarray(Image.open(victim)).astype(int) - before).max() <= 1
+    # a file that cannot be written stops the run with one line naming it; what came before stays
+    blocked = tmp_path / "blocked"
+    (blocked / "0000-01-seed1.png").mkdir(parents=True)
+    assert main([*args[:-3], "--out", str(blocked)]) == 2
+    captured = capsys.readouterr()
+    assert "0000-01-seed1.png" in captured.err and "Traceback" not in captured.err
+    assert [p.name for p in sorted(blocked.iterdir())] == ["0000-00-seed0.png", "0000-01-seed1.png"]
 
 
 def test_a_local_folder_does_not_shadow_a_bundled_name(models, tmp_path, monkeypatch):

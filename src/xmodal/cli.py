@@ -234,8 +234,49 @@ MAX_IMAGES_PER_PROMPT = 100_000
 def _save_png(image, path: Path) -> None:
     """Write then rename: a killed run leaves whole files only (so --skip-existing can trust them)."""
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", compress_level=1)  # 0.25 ms a picture against 0.7 at level 6; files a third larger
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG", compress_level=1)  # 0.25 ms a picture against 0.7 at level 6; files a third larger
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _InOrder:
+    """Runs jobs on one thread, in the order given, beside the caller: the PNG encoding and the
+    file writes of `generate` overlap the drawing of the next batch (zlib and onnxruntime both
+    leave Python's lock while they work). After a job fails no later one runs; its error is raised
+    in the caller, at its next `submit` or at the end of the `with` block."""
+
+    LIMIT = 256  # jobs waiting at most (each holds a picture)
+
+    def __enter__(self) -> _InOrder:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.pending = ThreadPoolExecutor(1, thread_name_prefix="xmodal-writer"), collections.deque()
+        self.failed = False
+        return self
+
+    def _run(self, fn, args) -> None:
+        if self.failed:
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(self._run, fn, args))
+        while self.pending and (self.pending[0].done() or len(self.pending) > self.LIMIT):
+            self.pending.popleft().result()
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            while self.pending and kind is None:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -265,14 +306,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     handed.append((i, j))
                     yield prompts[i], seed_of(i, j)
 
+    def save(r, target: Path) -> None:
+        _save_png(r.image, target)
+        print(json.dumps({"prompt": r.prompt, "file": str(target), "seed": r.seed}) if args.json
+              else f"{target}\t{r.prompt}", flush=True)
+
     bar = _bar(len(good) * args.n, "generate", "img")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _InOrder() as writer:
         warnings.simplefilter("ignore")  # reported per prompt above
         for r in pipe.stream(jobs(), args.batch_size, options, bar.update):
-            target = path(*handed.popleft())
-            _save_png(r.image, target)  # each image as soon as it exists
-            print(json.dumps({"prompt": r.prompt, "file": str(target), "seed": r.seed}) if args.json
-                  else f"{target}\t{r.prompt}", flush=True)
+            writer.submit(save, r, path(*handed.popleft()))  # each image as soon as it exists
     bar.close()
     failed = len(prompts) - len(good)
     if failed or unreadable:
