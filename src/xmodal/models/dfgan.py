@@ -253,7 +253,11 @@ class DFGAN(TextToImageModel):
 
     def learn_from(self, teacher: DFGAN) -> None:
         """Train as `teacher`'s student: the loss becomes the distance of this generator's picture
-        to the teacher's for the same text, true layout and z (`distillation_loss`)."""
+        to the teacher's for the same text, true layout and z (`distillation_loss`). The student
+        reads the text and layout as the teacher does (`gan_student` gives it the teacher's, frozen)."""
+        if self.config.image_size != teacher.config.image_size or self.map_sizes != teacher.map_sizes[:len(self.map_sizes)]:
+            raise ValueError(f"a student draws at its teacher's size ({teacher.config.image_size} px) from its layout "
+                             f"maps {teacher.map_sizes}, or the first of them")
         self.teacher = (teacher.eval().requires_grad_(False),)
 
     def param_groups(self) -> list[dict]:
@@ -299,16 +303,15 @@ class DFGAN(TextToImageModel):
         drawing temperature). The target is a function of those inputs, so a regression to it
         does not blur (the teacher is the GAN its discriminator trained); only the generator learns."""
         texts = batch["texts"]
-        teacher = self.teacher[0]
-        tokens, mask, sentence = self.encode_text(texts)
-        maps, _ = self.layout_maps(tokens, mask, self.map_sizes, batch=batch)
-        std = torch.tensor([1.0, self.config.temperature], device=sentence.device).repeat(len(texts))[:len(texts)]
-        z = torch.randn(len(texts), self.config.z_dim, device=sentence.device) * std[:, None]
-        with torch.no_grad():
-            t_tokens, t_mask, t_sentence = teacher.to(sentence.device).encode_text(texts)
-            t_maps, _ = teacher.layout_maps(t_tokens, t_mask, teacher.map_sizes, batch=batch)
-            target = teacher.generator(z, teacher._sentence(t_sentence), t_maps)
-        picture = self.generator(z, self._sentence(sentence).detach(), [m.detach() for m in maps] if maps else None)
+        teacher = self.teacher[0].to(self.step.device)
+        with torch.no_grad():  # the text and the true layout read once, by the teacher (the student's are the same)
+            tokens, mask, sentence = teacher.encode_text(texts)
+            maps, _ = teacher.layout_maps(tokens, mask, teacher.map_sizes, batch=batch)
+            sentence = teacher._sentence(sentence)
+            std = torch.tensor([1.0, self.config.temperature], device=sentence.device).repeat(len(texts))[:len(texts)]
+            z = torch.randn(len(texts), self.config.z_dim, device=sentence.device) * std[:, None]
+            target = teacher.generator(z, sentence, maps)
+        picture = self.generator(z, sentence, maps[:len(self.map_sizes)] if maps else None)
         l1 = (picture.float() - target.float()).abs().mean()
         return l1, {"distill_l1": l1.detach()}
 

@@ -101,7 +101,10 @@ def gan_student(name: str, values: dict, source, teacher: str):
         raise ConfigError(f"[model]: {e}") from None
     copy_weights(student, source, f"teacher {teacher}")
     student.requires_grad_(False).generator.requires_grad_(True)
-    student.learn_from(source)
+    try:
+        student.learn_from(source)
+    except ValueError as e:
+        raise ConfigError(f"[model] teacher {teacher!r}: {e}") from None
     return student
 
 
