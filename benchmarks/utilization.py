@@ -56,10 +56,13 @@ def flops_per_item(fn, items: int, model: torch.nn.Module) -> float:
 
 
 def top_ops(fn, n: int = 5) -> list[dict]:
-    """The `n` ops with the most self CPU time in one call of `fn`, with their share."""
+    """The `n` ops with the most self CPU time in one call of `fn`, with their share (its chunks
+    run in turn on this thread, with all its threads: the profiler records this thread's ops)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    from xmodal.models.row_workers import in_turn
+
+    with torch.inference_mode(), in_turn(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events) or 1

@@ -22,7 +22,7 @@ LAYERS = [
     ("base", ["xmodal._version", "xmodal.typed_config", "xmodal.worlds", "xmodal.data", "xmodal.metrics", "xmodal.sheets", "xmodal.viz",
               "xmodal.training.config", "xmodal.training.plots", "xmodal.training.loop",
               "xmodal.training.checkpoints"]),
-    ("encoders/layers", ["xmodal.models.base", "xmodal.models.registry", "xmodal.models.text_encoders",
+    ("encoders/layers", ["xmodal.models.base", "xmodal.models.row_workers", "xmodal.models.registry", "xmodal.models.text_encoders",
                          "xmodal.models.image_encoders", "xmodal.models.layout", "xmodal.models.layout_draws",
                          "xmodal.models.decoding"]),
     ("models", ["xmodal.models"]),

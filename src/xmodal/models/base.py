@@ -24,6 +24,8 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from xmodal.models.row_workers import run_chunks
+
 # generate() takes GenerateOptions (steps, guidance, sampler, negative); the model also offers
 # check_options(**options) (its own ranges) and work(**options) (network evaluations per image)
 SAMPLER_OPTIONS = "sampler_options"
@@ -63,7 +65,7 @@ def in_cpu_row_chunks(fn, count: int, device, chunk: int = CPU_CHUNK):
     traced graph keeps its batch size a variable."""
     if torch.device(device).type != "cpu" or count <= chunk:
         return fn(slice(None))
-    parts = [fn(slice(start, start + chunk)) for start in range(0, count, chunk)]
+    parts = run_chunks(fn, [slice(start, start + chunk) for start in range(0, count, chunk)])
     if isinstance(parts[0], dict):
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     return torch.cat(parts)

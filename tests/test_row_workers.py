@@ -1,0 +1,98 @@
+"""Chunks of rows side by side on a CPU: the same numbers as in turn, the caller's modes, and in turn
+wherever a side-by-side run would escape what the caller set up (gradients, a FLOP counter)."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import xmodal
+from xmodal.models.base import in_cpu_chunks
+from xmodal.models.row_workers import in_turn, row_parts, run_chunks
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def seen(rows: slice) -> list:
+    """What a chunk sees: its thread, its modes, its thread count."""
+    return [(threading.current_thread().name, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+             torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.get_num_threads())]
+
+
+def test_chunks_side_by_side_give_the_numbers_chunks_in_turn_give(two_threads):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(16, 3, 3, padding=1)).eval()
+    x = torch.randn(40, 3, 16, 16)
+    with torch.inference_mode():
+        side = in_cpu_chunks(net, x)
+        with in_turn():
+            turn = in_cpu_chunks(net, x)
+    assert torch.equal(side, turn) and side.shape == (40, 3, 16, 16)
+    assert torch.get_num_threads() == 2  # the workers' one thread each did not become the caller's
+
+
+def test_workers_run_in_the_callers_modes_with_one_thread_each(two_threads):
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        parts = run_chunks(seen, [slice(i, i + 1) for i in range(4)])
+    names = {p[0][0] for p in parts}
+    assert all(name.startswith("xmodal-rows") for name in names)
+    assert {p[0][1:] for p in parts} == {(True, False, True, torch.bfloat16, 1)}
+
+    def chunks_again(rows: slice) -> tuple[str, list[str]]:
+        return threading.current_thread().name, [p[0][0] for p in run_chunks(seen, [rows, rows])]
+
+    with torch.no_grad():  # a chunk that chunks again runs its parts in turn, on its own thread
+        nested = run_chunks(chunks_again, [slice(0, 1), slice(1, 2)])
+    assert all(inner == [outer, outer] for outer, inner in nested)
+
+
+@pytest.mark.parametrize("setting", ["gradients", "flop counter", "in turn", "one thread"])
+def test_chunks_stay_on_the_callers_thread_where_workers_would_escape_its_setting(two_threads, setting):
+    here = threading.current_thread().name
+    rows = [slice(i, i + 1) for i in range(3)]
+    if setting == "gradients":
+        parts = run_chunks(seen, rows)
+    elif setting == "flop counter":
+        with torch.no_grad(), FlopCounterMode(display=False):
+            parts = run_chunks(seen, rows)
+    elif setting == "in turn":
+        with torch.no_grad(), in_turn():
+            parts = run_chunks(seen, rows)
+    else:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            parts = run_chunks(seen, rows)
+    assert {p[0][0] for p in parts} == {here}
+
+
+def test_a_flop_counter_counts_every_chunk(two_threads):
+    net = nn.Linear(8, 8).eval()
+    x = torch.randn(64, 8)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        in_cpu_chunks(net, x, 8)
+    assert counter.get_total_flops() == 2 * 64 * 8 * 8
+
+
+def test_row_parts_cover_the_rows_once(two_threads):
+    with torch.no_grad():
+        for count in (0, 1, 31, 32, 33, 256):
+            parts = row_parts(count, "cpu")
+            assert sum(len(range(count)[p]) for p in parts) == count
+            assert len(parts) == (2 if count >= 32 else 1)
+
+
+def test_a_generator_draws_the_same_pictures_side_by_side_as_in_turn(two_threads):
+    pipe = xmodal.load("shapes-gan")
+    prompts = ["a red circle above a blue square", "a small green triangle", "a yellow square on the left"] * 12
+    side = pipe(prompts, seed=3)
+    with in_turn():
+        turn = pipe(prompts, seed=3)
+    assert [im.tobytes() for im in side] == [im.tobytes() for im in turn]
