@@ -214,6 +214,12 @@ def test_a_subpixel_generator_draws_full_size_pictures_from_half_size_blocks(tmp
     model = tiny_gan(subpixel=True, channels=(32, 16, 8), d_channels=(8, 8, 16, 32))
     assert model.map_sizes == (8, 16)
     assert model.generator(torch.randn(2, 8), torch.randn(2, 16)).shape == (2, 3, 32, 32)
+    assert model.generator.to_pixels[1].out_channels == 16  # to_pixels' first convolution: twice the last width
+    slim = tiny_gan(subpixel=True, channels=(32, 16, 8), d_channels=(8, 8, 16, 32), pixel_width=4)
+    assert slim.generator.to_pixels[1].out_channels == 4 and slim.generator.to_pixels[3].in_channels == 4
+    assert slim.generator(torch.randn(2, 8), torch.randn(2, 16)).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="pixel_width must be >= 0"):
+        tiny_gan(subpixel=True, channels=(32, 16, 8), d_channels=(8, 8, 16, 32), pixel_width=-1)
 
     def train(name, extra_model="", extra_train=""):
         config = tmp_path / f"{name}.toml"

@@ -66,6 +66,15 @@ def test_pictures_depend_on_their_own_seed_only(gan_export):
     assert all(im.size == (64, 64) and im.mode == "RGB" for im in mixed)
 
 
+def test_a_batch_drawn_in_parts_side_by_side_is_the_batch_drawn_whole(gan_export):
+    whole, parts = OnnxGenerator(gan_export[0], threads=1), OnnxGenerator(gan_export[0], threads=2)
+    prompts = PROMPTS * 12  # 36 rows: two parts of 18, one on each worker thread
+    a, b = whole(prompts, seed=4), parts(prompts, seed=4)
+    assert whole.parts._pool is None and parts.parts._pool is not None
+    diff = np.abs(np.stack([np.asarray(im) for im in a]).astype(int) - np.stack([np.asarray(im) for im in b]).astype(int))
+    assert len(b) == 36 and diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
 def test_the_bundled_default_generator_has_its_export_and_draws_without_torch(tmp_path):
     export = find_generator_export("shapes-diffusion-fast", options_given=False, require=True)
     assert export == resolve_model_dir("shapes-diffusion-fast") / "onnx"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -101,23 +102,55 @@ def _locate(model: str, task: str) -> tuple[Path | None, str]:
     return export, ""
 
 
-def _session(path: Path, threads: int, spin: bool = True):
-    """An onnxruntime session on the CPU; a missing or corrupt file is an OnnxExportError. Without
-    `spin`, its threads sleep as soon as a run ends instead of waiting busy for the next: sessions
-    that take turns (a captioner's two, a generator's small ones between its draws) would otherwise
-    spin on the cores the next one needs (the default generator lost a third of its speed to it)."""
+def _session(path: Path):
+    """An onnxruntime session on one CPU thread (`Parts` runs one part of a batch per core beside
+    the others); a missing or corrupt file is an OnnxExportError."""
     try:
         import onnxruntime
     except ImportError:
         raise OnnxExportError("--runtime onnx needs onnxruntime: pip install onnxruntime") from None
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
     options.log_severity_level = 3  # the graphs' shape notes are not the user's concern
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own classes for missing and corrupt files
         raise OnnxExportError(f"{path.parent}: not a loadable ONNX export ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+class Parts:
+    """A batch's rows cut in one part per worker (each of `least` rows or more), run side by side
+    on threads: onnxruntime leaves Python's lock while a graph runs, and a small CPU runs a few
+    pictures' small layers faster on one thread each than split across all its threads, which
+    meet after every layer (the default generator: 136-167 images/s at batch 64 against 108-129
+    with one session on both threads; the same pictures: each row is computed alone)."""
+
+    def __init__(self, workers: int = 0, least: int = 16):
+        self.workers = workers or _cores()
+        self.least = least
+        self._pool = None
+
+    def run(self, fn: Callable[[slice], list], count: int) -> list:
+        """fn(rows) for each part's slice of range(count), its results concatenated in order."""
+        parts = max(1, min(self.workers, count // self.least))
+        size = -(-count // parts)
+        rows = [slice(start, start + size) for start in range(0, count, size)]
+        if len(rows) < 2:
+            return fn(slice(0, count))
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xmodal-onnx")
+        return [item for part in self._pool.map(fn, rows) for item in part]
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _run(session, feeds: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
@@ -134,7 +167,8 @@ class OnnxCaptioner:
         if meta is None:
             meta = _read_meta(folder, "image-to-text")
         self.meta, self.names = meta, list(meta["state"])
-        self._start, self._step = (_session(folder / f, threads, spin=False) for f in ("start.onnx", "step.onnx"))
+        self._start, self._step = (_session(folder / f) for f in ("start.onnx", "step.onnx"))
+        self.parts = Parts(threads)
         try:
             self.words = json.loads((folder / "vocab.json").read_text())
         except (OSError, ValueError) as e:
@@ -176,8 +210,9 @@ class OnnxCaptioner:
         return words
 
     def caption_batch(self, batch: np.ndarray, **limits) -> list[str]:
-        """Captions for a batch of preprocessed images (B, 3, H, W)."""
-        return [" ".join(self.words[i] for i in ids) for ids in self.decode(batch, **limits)]
+        """Captions for a batch of preprocessed images (B, 3, H, W), in one part per core side by side."""
+        return self.parts.run(lambda rows: [" ".join(self.words[i] for i in ids)
+                                            for ids in self.decode(batch[rows], **limits)], len(batch))
 
     def describe_files(self, paths: Sequence[Path], batch_size: int = 64, on_skip=None,
                        **limits) -> Iterator[tuple[Path, str]]:
@@ -215,8 +250,8 @@ class OnnxGenerator:
         if sorted(self.meta["graphs"]) != sorted(graphs):
             raise OnnxExportError(f"{folder / 'onnx.json'}: names the graphs {self.meta['graphs']}; "
                                   f"this generator needs {list(graphs)}")
-        self._sessions = {name: _session(folder / f"{name}.onnx", threads if name == "draw" else 1, spin=name == "draw")
-                          for name in graphs}
+        self._sessions = {name: _session(folder / f"{name}.onnx") for name in graphs}
+        self.parts = Parts(threads)
         self._inputs = {name: {i.name for i in s.get_inputs()} for name, s in self._sessions.items()}
         noise = [i.shape[1:] for i in self._sessions["draw"].get_inputs() if i.name == "noise"]
         if not noise or list(noise[0]) != self.meta["noise_shape"]:
@@ -287,7 +322,11 @@ class OnnxGenerator:
         return boxes, present.astype(np.float32)
 
     def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> list:
-        """One PIL image per (prompt, seed) pair, in one batch; prompts already checked."""
+        """One PIL image per (prompt, seed) pair, in one part per core side by side; prompts already checked."""
+        prompts, seeds = list(prompts), list(seeds)
+        return self.parts.run(lambda rows: self._render(prompts[rows], seeds[rows]), len(prompts))
+
+    def _render(self, prompts: Sequence[str], seeds: Sequence[int]) -> list:
         text = self.encode(prompts)
         feeds = {"noise": np.stack([_generator(s, stream=0).standard_normal(self.noise_shape, dtype=np.float32)
                                     for s in seeds]), **text}

@@ -70,6 +70,7 @@ class DFGANConfig:
     # https://arxiv.org/abs/1609.05158). The full-size stage's thin, memory-bound work goes: the
     # bundled shapes-gan (a student of the full-size GAN) draws 755-975 images/s at batch 256 against its teacher's 487-680
     subpixel: bool = False
+    pixel_width: int = 0  # with subpixel: the width of to_pixels' first convolution (0: twice the last stage's)
     # a student: the GAN (name or folder) whose pictures the generator learned to draw, for the
     # record (`DFGAN.learn_from`; training reads it as the [model] teacher)
     teacher: str = ""
@@ -116,19 +117,19 @@ def sentence_map(dim: int, out: int) -> nn.Module:
 
 class Generator(nn.Module):
     def __init__(self, z_dim: int, cond_dim: int, chans: list[int], map_channels: int = 0, out_channels: int = 3,
-                 sentence_dim: int = 0, subpixel: bool = False):
+                 sentence_dim: int = 0, subpixel: bool = False, pixel_width: int = 0):
         super().__init__()
         self.sentence = sentence_map(cond_dim, sentence_dim)
         cond_dim = sentence_dim or cond_dim
         self.fc = nn.Linear(z_dim, chans[0] * 16)
         self.blocks = nn.ModuleList(GBlock(a, b, z_dim + cond_dim, map_channels) for a, b in zip(chans[:-1], chans[1:]))
         if subpixel:  # 4 pixels per place from two convolutions at half the size (a new name: a to_rgb's weights do not fit)
-            c = chans[-1]
-            conv = nn.Conv2d(2 * c, 4 * out_channels, 3, 1, 1)
+            c, hidden = chans[-1], pixel_width or 2 * chans[-1]
+            conv = nn.Conv2d(hidden, 4 * out_channels, 3, 1, 1)
             with torch.no_grad():  # ICNR (Aitken et al. 2017): the 4 pixels of a place start equal, no checkerboard
                 conv.weight.copy_(conv.weight[::4].repeat_interleave(4, 0))
                 conv.bias.copy_(conv.bias[::4].repeat_interleave(4, 0))
-            self.to_pixels = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(c, 2 * c, 3, 1, 1), nn.LeakyReLU(0.2), conv,
+            self.to_pixels = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(c, hidden, 3, 1, 1), nn.LeakyReLU(0.2), conv,
                                            nn.PixelShuffle(2), nn.Tanh())
         else:
             self.to_pixels = None
@@ -235,15 +236,16 @@ class DFGAN(TextToImageModel):
                              f"discriminator's {len(sizes)} widths as d_channels")
         if config.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (the std of z when generating), got {config.temperature}")
-        if config.mode_seeking < 0 or config.sentence_dim < 0:
-            raise ValueError(f"mode_seeking and sentence_dim must be >= 0, got {config.mode_seeking} and {config.sentence_dim}")
+        if config.mode_seeking < 0 or config.sentence_dim < 0 or config.pixel_width < 0:
+            raise ValueError(f"mode_seeking, sentence_dim and pixel_width must be >= 0, got {config.mode_seeking}, "
+                             f"{config.sentence_dim} and {config.pixel_width}")
         if config.layout_only and config.layout is None:
             raise ValueError("layout_only reads the text through the layout map: it needs a layout stage")
         self.map_sizes = tuple(sizes[1:len(config.channels)])  # where the generator blocks read the layout map
         e = self.text_encoder.out_dim
         m = self.layout.config.channels if self.layout is not None else 0
         self.generator = Generator(config.z_dim, e, list(config.channels), m, config.image_channels, config.sentence_dim,
-                                   config.subpixel)
+                                   config.subpixel, config.pixel_width)
         if config.d_channels and len(config.d_channels) != len(sizes):
             raise ValueError(f"d_channels must give {len(sizes)} widths ({', '.join(map(str, sizes))} px), "
                              f"got {config.d_channels}")

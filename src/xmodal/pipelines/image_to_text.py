@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from xmodal.data.images import ImageLoadError, Preprocess, load_image, make_transform
 from xmodal.models.decoding import DecodeOptions, decode
+from xmodal.models.row_workers import row_parts, run_chunks
 
 ImageLike = Image.Image | str | Path | np.ndarray
 
@@ -70,12 +72,16 @@ class ImageToTextPipeline:
     @torch.no_grad()
     def describe(self, images: Sequence[ImageLike], batch_size: int = 128, return_attention: bool = False,
                  generator: torch.Generator | None = None, **options) -> list[CaptionResult]:
-        """Captions with scores (and attention grids) for each image, in order."""
+        """Captions with scores (and attention grids) for each image, in order. On a CPU a batch is
+        decoded in one part per core side by side (`run_chunks`), but when sampling (one generator
+        draws for the whole batch, in order): each image's search is its own, so are its words."""
         opts = replace(self.options, **options) if options else self.options
         results = []
         for start in range(0, len(images), batch_size):
             batch = self._batch(images[start:start + batch_size])
-            for d in decode(self.model, batch, opts, generator=generator, return_attention=return_attention):
+            rows = [slice(None)] if opts.method == "sample" else row_parts(len(batch), batch.device)
+            parts = run_chunks(partial(self._decode, batch, opts, generator, return_attention), rows)
+            for d in (d for part in parts for d in part):
                 words = [self.vocab.words[i] for i in d.tokens]
                 attention = None
                 if d.attention is not None:
@@ -84,6 +90,9 @@ class ImageToTextPipeline:
                     attention = d.attention.view(-1, side, n // side) if side * (n // side) == n else d.attention
                 results.append(CaptionResult(" ".join(words), d.score, words, attention))
         return results
+
+    def _decode(self, batch: torch.Tensor, opts: DecodeOptions, generator, return_attention: bool, rows: slice) -> list:
+        return decode(self.model, batch[rows], opts, generator=generator, return_attention=return_attention)
 
     def describe_files(self, paths: Sequence[str | Path], batch_size: int = 64,
                        on_skip: Callable[[Path, ImageLoadError], None] | None = None,
