@@ -70,7 +70,7 @@ def test_a_batch_drawn_in_parts_side_by_side_is_the_batch_drawn_whole(gan_export
     whole, parts = OnnxGenerator(gan_export[0], threads=1), OnnxGenerator(gan_export[0], threads=2)
     prompts = PROMPTS * 12  # 36 rows: two parts of 18, one on each worker thread
     a, b = whole(prompts, seed=4), parts(prompts, seed=4)
-    assert whole.parts._pool is None and parts.parts._pool is not None
+    assert not whole.parts.used and parts.parts.used
     diff = np.abs(np.stack([np.asarray(im) for im in a]).astype(int) - np.stack([np.asarray(im) for im in b]).astype(int))
     assert len(b) == 36 and diff.max() <= 1 and (diff > 0).mean() < 1e-3
 

@@ -73,6 +73,29 @@ def test_chunks_stay_on_the_callers_thread_where_workers_would_escape_its_settin
     assert {p[0][0] for p in parts} == {here}
 
 
+def _chunks_in_a_child(queue) -> None:
+    with torch.no_grad():
+        queue.put([p[0][0] for p in run_chunks(seen, [slice(0, 1), slice(1, 2)])])
+
+
+def test_a_forked_child_starts_its_own_workers(two_threads):
+    """A child forked after the workers started (a data loader's worker) has none of their threads:
+    chunks there must not wait forever on a pool that no longer runs."""
+    import multiprocessing
+
+    with torch.no_grad():
+        run_chunks(seen, [slice(0, 1), slice(1, 2)])  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_chunks_in_a_child, args=(queue,))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on its parent's worker pool")
+    assert child.exitcode == 0 and all(name.startswith("xmodal-rows") for name in queue.get(timeout=5))
+
+
 def test_a_flop_counter_counts_every_chunk(two_threads):
     net = nn.Linear(8, 8).eval()
     x = torch.randn(64, 8)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -129,7 +130,7 @@ class Parts:
     def __init__(self, workers: int = 0, least: int = 16):
         self.workers = workers or _cores()
         self.least = least
-        self._pool = None
+        self.used = False  # whether a batch has been cut
 
     def run(self, fn: Callable[[slice], list], count: int) -> list:
         """fn(rows) for each part's slice of range(count), its results concatenated in order."""
@@ -138,11 +139,24 @@ class Parts:
         rows = [slice(start, start + size) for start in range(0, count, size)]
         if len(rows) < 2:
             return fn(slice(0, count))
-        if self._pool is None:
+        self.used = True
+        return [item for part in _pool(len(rows)).map(fn, rows) for item in part]
+
+
+_POOLS: dict = {}  # workers -> ThreadPoolExecutor, shared by every runtime of this process
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of its parent's threads
+
+
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int):
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xmodal-onnx")
-        return [item for part in self._pool.map(fn, rows) for item in part]
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="xmodal-onnx")
+        return _POOLS[workers]
 
 
 def _cores() -> int:

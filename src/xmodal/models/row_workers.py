@@ -17,6 +17,7 @@ in turn as before.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ T = TypeVar("T")
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
+# a forked child (a data loader's worker) has none of its parent's threads: it starts its own pools
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 class _Flag(threading.local):
