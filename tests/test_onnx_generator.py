@@ -75,6 +75,26 @@ def test_a_batch_drawn_in_parts_side_by_side_is_the_batch_drawn_whole(gan_export
     assert len(b) == 36 and diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
+def _draw_in_a_child(runtime, queue) -> None:
+    queue.put(len(runtime(PROMPTS * 12, seed=4)))
+
+
+def test_a_forked_child_draws_in_parts_with_its_own_threads(gan_export):
+    import multiprocessing
+
+    runtime = OnnxGenerator(gan_export[0], threads=2)
+    runtime(PROMPTS * 12, seed=4)  # the parent's worker threads exist
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_draw_in_a_child, args=(runtime, queue))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on its parent's worker threads")
+    assert child.exitcode == 0 and queue.get(timeout=5) == 36
+
+
 def test_the_bundled_default_generator_has_its_export_and_draws_without_torch(tmp_path):
     export = find_generator_export("shapes-diffusion-fast", options_given=False, require=True)
     assert export == resolve_model_dir("shapes-diffusion-fast") / "onnx"

@@ -144,10 +144,17 @@ class Parts:
 
 
 _POOLS: dict = {}  # workers -> ThreadPoolExecutor, shared by every runtime of this process
-os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of its parent's threads
-
-
 _POOLS_LOCK = threading.Lock()
+
+
+def _forget_pools() -> None:
+    """In a forked child: none of the parent's threads are there (nor the lock's holder)."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _pool(workers: int):

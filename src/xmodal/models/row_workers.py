@@ -1,10 +1,10 @@
 """Chunks of rows computed side by side on a CPU, one core each.
 
 A small CPU runs a narrow conv net's call on a few pictures badly with all its cores: each
-layer is split across the threads, which meet after every layer, and the layers of 8-16 small
-pictures are too short for that to pay (shapes-gan's generator spent 330-520 ms on 256
-pictures with two threads per layer, 160-245 ms with two chunks at a time, one thread each:
-the same numbers, `benchmarks/generator.py`). `run_chunks` hands the chunks to as many worker
+layer is split across the threads, which meet after every layer, and the layers of 8-32 small
+pictures are too short for that to pay (shapes-gan's generator spent 285-520 ms on 256
+pictures with two threads per layer, 140-245 ms with two chunks at a time, one thread each:
+the same numbers). `run_chunks` hands the chunks to as many worker
 threads as PyTorch has intra-op threads here, each set to one thread of its own, and puts the
 results back in order. PyTorch's kernels leave Python's lock while they work.
 
@@ -30,8 +30,17 @@ T = TypeVar("T")
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
-# a forked child (a data loader's worker) has none of its parent's threads: it starts its own pools
-os.register_at_fork(after_in_child=_pools.clear)
+
+
+def _forget_pools() -> None:
+    """In a forked child (a data loader's worker): none of the parent's threads are there, and the
+    lock may have been held by one of them, so the child starts its own pools."""
+    global _lock
+    _pools.clear()
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 class _Flag(threading.local):
