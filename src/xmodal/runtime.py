@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 
 from xmodal.data.files import read_batches
 from xmodal.data.images import GeneratedImage, Preprocess, stream_images
+from xmodal.data.parts import even_parts, worker_pool
 from xmodal.data.text import Vocabulary, word_ids
 from xmodal.models.layout_draws import LayoutConfig, check_length, sample_boxes
 
@@ -134,36 +134,11 @@ class Parts:
 
     def run(self, fn: Callable[[slice], list], count: int) -> list:
         """fn(rows) for each part's slice of range(count), its results concatenated in order."""
-        parts = max(1, min(self.workers, count // self.least))
-        size = -(-count // parts)
-        rows = [slice(start, start + size) for start in range(0, count, size)]
+        rows = even_parts(count, self.workers, self.least)
         if len(rows) < 2:
-            return fn(slice(0, count))
+            return fn(rows[0])
         self.used = True
-        return [item for part in _pool(len(rows)).map(fn, rows) for item in part]
-
-
-_POOLS: dict = {}  # workers -> ThreadPoolExecutor, shared by every runtime of this process
-_POOLS_LOCK = threading.Lock()
-
-
-def _forget_pools() -> None:
-    """In a forked child: none of the parent's threads are there (nor the lock's holder)."""
-    global _POOLS_LOCK
-    _POOLS.clear()
-    _POOLS_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pools)
-
-
-def _pool(workers: int):
-    with _POOLS_LOCK:
-        if workers not in _POOLS:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="xmodal-onnx")
-        return _POOLS[workers]
+        return [item for part in worker_pool("xmodal-onnx", len(rows)).map(fn, rows) for item in part]
 
 
 def _cores() -> int:

@@ -68,7 +68,8 @@ class DFGANConfig:
     # image_size / 2 (`channels` one width shorter) and `to_pixels` (two convolutions there) gives 4
     # pixels per place, put in place by a pixel shuffle (ESPCN, Shi et al. 2016,
     # https://arxiv.org/abs/1609.05158). The full-size stage's thin, memory-bound work goes: the
-    # bundled shapes-gan (a student of the full-size GAN) draws 755-975 images/s at batch 256 against its teacher's 487-680
+    # bundled shapes-gan (a student of the full-size GAN) drew 755-975 images/s at batch 256 against its teacher's 487-680
+    # (both drawn with two threads per layer, before `xmodal.models.row_workers`)
     subpixel: bool = False
     pixel_width: int = 0  # with subpixel: the width of to_pixels' first convolution (0: twice the last stage's)
     # a student: the GAN (name or folder) whose pictures the generator learned to draw, for the

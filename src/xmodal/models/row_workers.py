@@ -17,7 +17,6 @@ in turn as before.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,21 +25,9 @@ from typing import TypeVar
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from xmodal.data.parts import even_parts, worker_pool
+
 T = TypeVar("T")
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-_lock = threading.Lock()
-
-
-def _forget_pools() -> None:
-    """In a forked child (a data loader's worker): none of the parent's threads are there, and the
-    lock may have been held by one of them, so the child starts its own pools."""
-    global _lock
-    _pools.clear()
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pools)
 
 
 class _Flag(threading.local):
@@ -57,20 +44,15 @@ def _start(barrier: threading.Barrier) -> None:
     barrier.wait()  # every worker starts on a thread of its own
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    with _lock:
-        pool = _pools.get(workers)
-        if pool is None:
-            threads = torch.get_num_threads()
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="xmodal-rows")
-            barrier = threading.Barrier(workers)
-            try:
-                for started in [pool.submit(_start, barrier) for _ in range(workers)]:
-                    started.result()
-            finally:
-                torch.set_num_threads(threads)  # set_num_threads(1) above also changed the process default
-            _pools[workers] = pool
-        return pool
+def _start_all(pool: ThreadPoolExecutor, workers: int) -> None:
+    """Each of the pool's `workers` threads set to one intra-op thread; the caller's count put back."""
+    threads = torch.get_num_threads()
+    barrier = threading.Barrier(workers)
+    try:
+        for started in [pool.submit(_start, barrier) for _ in range(workers)]:
+            started.result()
+    finally:
+        torch.set_num_threads(threads)  # set_num_threads(1) above also changed the process default
 
 
 @contextlib.contextmanager
@@ -104,12 +86,10 @@ def run_chunks(fn: Callable[[slice], T], rows: Sequence[slice]) -> list[T]:
         with torch.inference_mode(inference), torch.no_grad(), torch.autocast("cpu", dtype, enabled=autocast):
             return fn(r)
 
-    return list(_pool(workers).map(run, rows))
+    return list(worker_pool("xmodal-rows", workers, _start_all).map(run, rows))
 
 
 def row_parts(count: int, device, least: int = 16) -> list[slice]:
     """`count` rows as one slice per worker that `run_chunks` would use on `device` (a CPU), each
     of `least` rows or more; one slice elsewhere."""
-    parts = min(side_by_side(), count // least) if torch.device(device).type == "cpu" else 1
-    size = -(-count // max(parts, 1))
-    return [slice(start, start + size) for start in range(0, count, size)] if count else [slice(0, 0)]
+    return even_parts(count, side_by_side() if torch.device(device).type == "cpu" else 1, least)
