@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from xmodal.models.dfgan import DFGAN, DFGANConfig, Discriminator
+from xmodal.models.layout import box_planes
 from xmodal.tasks.text_encoders import prepare_text_encoder
 
 PROMPTS = ("light on the left", "light on the right")
@@ -124,6 +125,28 @@ def test_layout_map_by_projection_is_read_only_through_its_embedding():
         d.map_patch.weight.zero_()
         d.map_whole.weight.zero_()
     assert torch.allclose(d(images, sentence, layout), plain)  # no other path from the map
+
+
+@pytest.mark.parametrize("map_projection", [True, False])
+def test_the_discriminator_reads_box_planes_as_it_reads_the_dense_map(map_projection):
+    """Training paints the true boxes as BoxPlanes: D pools their few planes (or spreads them
+    when it reads the map beside the image), the same sums as from the dense map, gradients too."""
+    torch.manual_seed(0)
+    config = DFGANConfig(image_size=32, channels=(32, 16, 16, 8), sentence_dim=16, map_projection=map_projection,
+                         patch_grid=8, spectral_norm=False)
+    d = Discriminator(16, 5 + 3, config, patch_stage=2)
+    features = torch.randn(3, 2, 5, requires_grad=True)
+    boxes = torch.tensor([[[16.0, 32.0, 8.0], [44.0, 20.0, 5.0]]] * 3) + torch.rand(3, 2, 3) * 4
+    planes = box_planes(features, boxes, torch.tensor([[True, True], [True, False], [False, False]]), size=32)
+    images, sentence = torch.randn(3, 3, 32, 32), torch.randn(3, 16)
+    dense = d(images, sentence, planes.dense())
+    factored = d(images, sentence, planes)
+    assert torch.allclose(factored, dense, atol=1e-5)
+    assert torch.allclose(d(images[1:], sentence[1:], planes[1:]), dense[1:], atol=1e-5)  # rows as a tensor's
+    grad_dense, = torch.autograd.grad(dense.square().sum(), features)
+    grad_factored, = torch.autograd.grad(factored.square().sum(), features)
+    assert torch.allclose(grad_factored, grad_dense, atol=1e-4) and grad_dense.abs().sum() > 0
+    assert not planes.detach().features.requires_grad
 
 
 @pytest.mark.parametrize("bad", [{"temperature": 0.0}, {"temperature": -1.0}, {"mode_seeking": -0.1},

@@ -31,7 +31,7 @@ from torch.func import functional_call
 from xmodal.models.base import CPU_CHUNK, DRAW, LAYOUT
 from xmodal.models.generation import TextToImageModel, stage_sizes
 from xmodal.models.image_encoders import channels_last, upsample2x
-from xmodal.models.layout import LayoutConfig, conv_over_map
+from xmodal.models.layout import BoxPlanes, LayoutConfig, conv_over_map
 from xmodal.models.registry import register_model
 from xmodal.models.text_encoders import TextEncoderConfig
 
@@ -153,8 +153,8 @@ class DBlock(nn.Module):
         self.shortcut = nn.Conv2d(cin, cout, 1)
         self.gamma = nn.Parameter(torch.full((1,), residual_init))  # learned residual weight, as in DF-GAN
 
-    def forward(self, x):
-        return F.avg_pool2d(self.shortcut(x), 2) + self.gamma * self.body(x)
+    def forward(self, x):  # the 1x1 shortcut after the pooling: the same numbers (both are linear) on a quarter of the pixels
+        return self.shortcut(F.avg_pool2d(x, 2)) + self.gamma * self.body(x)
 
 
 class Discriminator(nn.Module):
@@ -188,14 +188,18 @@ class Discriminator(nn.Module):
                     nn.utils.parametrizations.spectral_norm(module)
 
     def project(self, embed: nn.Module, layout_map, h) -> torch.Tensor:
-        """<embed(map at h's size), h> at each place -> (B, 1, H, W)."""
-        small = F.adaptive_avg_pool2d(layout_map, h.shape[-2:])
+        """<embed(map at h's size), h> at each place -> (B, 1, H, W); the map dense or `BoxPlanes`
+        (pooled on its few planes: training's full-size gradients stay that thin)."""
+        if isinstance(layout_map, BoxPlanes):
+            small = layout_map.pooled(h.shape[-2:]).dense()
+        else:
+            small = F.adaptive_avg_pool2d(layout_map, h.shape[-2:])
         return (embed(small) * F.leaky_relu(h, 0.2)).sum(1, keepdim=True)
 
     def forward(self, images, sentence, layout_map=None):  # images (B, 3, 64, 64), sentence (B, E)
         projected = self.map_projection and layout_map is not None
         if layout_map is not None and not self.map_projection:  # (B, M, 64, 64)
-            images = torch.cat([images, layout_map], 1)
+            images = torch.cat([images, layout_map.dense() if isinstance(layout_map, BoxPlanes) else layout_map], 1)
         h = self.stem(channels_last(images))
         patches = []
         for i, block in enumerate(self.blocks):
@@ -283,7 +287,8 @@ class DFGAN(TextToImageModel):
         maps, layout_nll, full = None, None, None
         if self.layout is not None:  # the true boxes, painted at 8..S px; the discriminator reads the S px map
             full_size = (self.config.image_size,) if self.config.subpixel else ()
-            maps, layout_nll = self.layout_maps(tokens, mask, self.map_sizes + full_size, batch=batch)
+            # as BoxPlanes: the generator convolves their few planes, the discriminator pools them
+            maps, layout_nll = self.layout_maps(tokens, mask, self.map_sizes + full_size, batch=batch, planes=True)
             maps, full = maps[:len(self.map_sizes)], maps[-1]
             if not any(p.requires_grad for p in itertools.chain(self.generator.parameters(), self.discriminator.parameters())):
                 # a later stage that trains only (part of) the layout stage ([train] trainable): no adversarial terms
@@ -312,7 +317,7 @@ class DFGAN(TextToImageModel):
         teacher = self.teacher[0].to(self.step.device)
         with torch.no_grad():  # the text and the true layout read once, by the teacher (the student's are the same)
             tokens, mask, sentence = teacher.encode_text(texts)
-            maps, _ = teacher.layout_maps(tokens, mask, teacher.map_sizes, batch=batch)
+            maps, _ = teacher.layout_maps(tokens, mask, teacher.map_sizes, batch=batch, planes=True)
             sentence = teacher._sentence(sentence)
             std = torch.tensor([1.0, self.config.temperature], device=sentence.device).repeat(len(texts))[:len(texts)]
             z = torch.randn(len(texts), self.config.z_dim, device=sentence.device) * std[:, None]

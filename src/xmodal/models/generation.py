@@ -76,11 +76,11 @@ class TextToImageModel(WithTextEncoder):
         return self.layout.config.labels if self.layout is not None else {}
 
     def layout_maps(self, tokens, mask, sizes: Sequence[int], batch: dict | None = None,
-                    seeds: Sequence[int] | None = None, texts: Sequence[str] | None = None
-                    ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
-        """Layout maps (B, C, s, s) for each s in `sizes`, and the layout's NLL: in training
-        the true boxes of `batch["layout"]` are painted, in generation boxes drawn per seed for
-        the prompts `texts` (NLL None). Without a layout stage: (None, None)."""
+                    seeds: Sequence[int] | None = None, texts: Sequence[str] | None = None,
+                    planes: bool = False) -> tuple[list | None, torch.Tensor | None]:
+        """Layout maps (B, C, s, s) for each s in `sizes` (with `planes`, as `BoxPlanes`), and the
+        layout's NLL: in training the true boxes of `batch["layout"]` are painted, in generation
+        boxes drawn per seed for the prompts `texts` (NLL None). Without a layout stage: (None, None)."""
         if self.layout is None:
             return None, None
         slots = self.layout.read(tokens, mask)  # (B, K, D)
@@ -93,8 +93,9 @@ class TextToImageModel(WithTextEncoder):
             nll = self.layout.loss(slots, boxes, present, labels, self.layout_words(batch["texts"]))
         else:
             layout = self.sample_layout(tokens, mask, seeds, slots, self.layout_words(texts))
-            return self.paint_layout(layout, sizes), None
-        return [self.layout.paint(slots, boxes, present, s, labels) for s in sizes], nll
+            return self.paint_layout(layout, sizes, planes=planes), None
+        paint = self.layout.planes if planes else self.layout.paint
+        return [paint(slots, boxes, present, s, labels) for s in sizes], nll
 
     def layout_words(self, texts: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The prompts' word ids and mask (B, T) where the layout reads its labels from the words, else None."""

@@ -234,6 +234,19 @@ class BoxPlanes:
         painted = (self.features.to(inside.dtype).transpose(1, 2) @ inside.flatten(2)).view(b, -1, h, w)
         return torch.cat([painted, self.planes[:, -2:], inside.sum(1, keepdim=True)], 1)
 
+    def detach(self) -> BoxPlanes:
+        return BoxPlanes(self.features.detach(), self.planes.detach())
+
+    def __getitem__(self, index) -> BoxPlanes:
+        """The map of the rows `index` picks (a slice or index tensor), as a tensor's rows."""
+        return BoxPlanes(self.features[index], self.planes[index])
+
+    def pooled(self, size: tuple[int, int]) -> BoxPlanes:
+        """The map average-pooled to `size`: its planes pooled, as the dense map is linear in them
+        (`dense()` of this is the dense map pooled, the same sums in another order, on K + 2
+        channels instead of F + 3)."""
+        return BoxPlanes(self.features, F.adaptive_avg_pool2d(self.planes, size))
+
 
 def box_planes(features: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor, size: int) -> BoxPlanes:
     """features (B, K, F), boxes (B, K, 3), present (B, K) -> the map's `BoxPlanes` at `size` px."""
