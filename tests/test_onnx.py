@@ -124,3 +124,27 @@ def test_bad_exports_and_folders_are_named(images, tmp_path, capsys):
     assert "exports captioners and generators" in capsys.readouterr().err
     with pytest.raises(OnnxExportError):
         OnnxCaptioner(tmp_path / "nowhere")
+
+
+def test_the_graphs_onnxruntime_optimized_are_kept_and_a_damaged_or_unwritable_cache_is_worked_around(
+        images, tmp_path, monkeypatch):
+    export = tmp_path / "onnx"
+    export_onnx(trained_briefly("transformer-captioner", tmp_path), export)
+    pictures = [Image.open(p) for p in images[:4]]
+    monkeypatch.setenv("XMODAL_CACHE_DIR", "off")
+    captions = OnnxCaptioner(export)(pictures)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XMODAL_CACHE_DIR", str(cache))
+    assert OnnxCaptioner(export)(pictures) == captions
+    kept = sorted(cache.iterdir())
+    assert [p.suffix for p in kept] == [".onnx", ".onnx"]  # start and step, whole (no partial file left)
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    assert OnnxCaptioner(export)(pictures) == captions
+    assert [p.stat().st_mtime_ns for p in kept] == stamps  # loaded as kept, not made again
+    kept[0].write_bytes(b"damaged")
+    assert OnnxCaptioner(export)(pictures) == captions
+    assert kept[0].stat().st_size > 100 and sorted(cache.iterdir()) == kept  # made again, in its place
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("XMODAL_CACHE_DIR", str(blocked / "cache"))
+    assert OnnxCaptioner(export)(pictures) == captions and blocked.read_text() == "not a folder"
