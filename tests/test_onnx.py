@@ -1,6 +1,8 @@
 """`xmodal export onnx` and the torch-free runtime (`xmodal caption --runtime onnx`)."""
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -142,8 +144,11 @@ def test_the_graphs_onnxruntime_optimized_are_kept_and_a_damaged_or_unwritable_c
     assert OnnxCaptioner(export)(pictures) == captions
     assert [p.stat().st_mtime_ns for p in kept] == stamps  # loaded as kept, not made again
     kept[0].write_bytes(b"damaged")
+    left = kept[0].with_name(kept[0].name + ".999999.tmp")  # a killed process's partial copy, an hour old
+    left.write_bytes(b"partial")
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
     assert OnnxCaptioner(export)(pictures) == captions
-    assert kept[0].stat().st_size > 100 and sorted(cache.iterdir()) == kept  # made again, in its place
+    assert kept[0].stat().st_size > 100 and sorted(cache.iterdir()) == kept  # made again, in its place; no leftovers
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("XMODAL_CACHE_DIR", str(blocked / "cache"))

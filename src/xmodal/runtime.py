@@ -144,6 +144,7 @@ def _new_session(onnxruntime, path: Path, optimize: bool = True, keep: Path | No
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     partial = keep.with_name(f"{keep.name}.{os.getpid()}.tmp") if keep is not None else None
     if partial is not None:
+        _drop_stale_partials(keep)
         options.optimized_model_filepath = str(partial)
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -153,6 +154,19 @@ def _new_session(onnxruntime, path: Path, optimize: bool = True, keep: Path | No
     finally:
         if partial is not None:
             partial.unlink(missing_ok=True)
+
+
+def _drop_stale_partials(keep: Path, age_s: float = 600.0) -> None:
+    """Partial copies of `keep` that a killed process left over ten minutes ago (a live one renames
+    its own within seconds), removed so that kill -9 does not fill the cache."""
+    import time
+
+    for stale in keep.parent.glob(f"{keep.name}.*.tmp"):
+        try:
+            if time.time() - stale.stat().st_mtime > age_s:
+                stale.unlink()
+        except OSError:  # gone already, or another's
+            pass
 
 
 def _optimized_copy(path: Path, version: str) -> Path | None:
