@@ -17,6 +17,7 @@ this is the start-up path of a deployment without PyTorch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -190,8 +191,10 @@ def _optimized_copy(path: Path, version: str) -> Path | None:
     return Path(root) / f"{digest.hexdigest()[:32]}.onnx"
 
 
+@functools.cache
 def _cpu_signature() -> str:
-    """This CPU's model name and feature flags (Linux), else its platform description."""
+    """This CPU's model name and feature flags (Linux), else its platform description; read once
+    a process (a generator opens five graphs)."""
     import platform
 
     try:

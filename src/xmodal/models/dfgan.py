@@ -31,7 +31,7 @@ from torch.func import functional_call
 from xmodal.models.base import CPU_CHUNK, DRAW, LAYOUT
 from xmodal.models.generation import TextToImageModel, stage_sizes
 from xmodal.models.image_encoders import channels_last, upsample2x
-from xmodal.models.layout import BoxPlanes, LayoutConfig, conv_over_map
+from xmodal.models.layout import BoxPlanes, LayoutConfig, conv_over_map, dense_map
 from xmodal.models.registry import register_model
 from xmodal.models.text_encoders import TextEncoderConfig
 
@@ -199,7 +199,7 @@ class Discriminator(nn.Module):
     def forward(self, images, sentence, layout_map=None):  # images (B, 3, 64, 64), sentence (B, E)
         projected = self.map_projection and layout_map is not None
         if layout_map is not None and not self.map_projection:  # (B, M, 64, 64)
-            images = torch.cat([images, layout_map.dense() if isinstance(layout_map, BoxPlanes) else layout_map], 1)
+            images = torch.cat([images, dense_map(layout_map)], 1)
         h = self.stem(channels_last(images))
         patches = []
         for i, block in enumerate(self.blocks):

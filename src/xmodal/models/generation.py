@@ -94,8 +94,7 @@ class TextToImageModel(WithTextEncoder):
         else:
             layout = self.sample_layout(tokens, mask, seeds, slots, self.layout_words(texts))
             return self.paint_layout(layout, sizes, planes=planes), None
-        paint = self.layout.planes if planes else self.layout.paint
-        return [paint(slots, boxes, present, s, labels) for s in sizes], nll
+        return self.paint_layout((slots, boxes, present, labels), sizes, planes=planes), nll
 
     def layout_words(self, texts: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The prompts' word ids and mask (B, T) where the layout reads its labels from the words, else None."""

@@ -47,7 +47,7 @@ from torch import nn
 
 from xmodal.models.layout_draws import CANVAS, LayoutConfig, check_length, sample_boxes
 
-__all__ = ["CANVAS", "BoxPlanes", "LayoutConfig", "LayoutModel", "WordLabels", "box_planes", "conv_over_map",
+__all__ = ["CANVAS", "BoxPlanes", "LayoutConfig", "LayoutModel", "WordLabels", "box_planes", "conv_over_map", "dense_map",
            "layout_generators", "paint_boxes", "pick_per_row"]
 
 
@@ -269,6 +269,11 @@ def paint_boxes(features: torch.Tensor, boxes: torch.Tensor, present: torch.Tens
     return box_planes(features, boxes, present, size).dense()
 
 
+def dense_map(layout_map: torch.Tensor | BoxPlanes) -> torch.Tensor:
+    """A layout map as its (B, F + 3, H, W) tensor, whichever form it comes in."""
+    return layout_map.dense() if isinstance(layout_map, BoxPlanes) else layout_map
+
+
 def conv_over_map(conv: nn.Conv2d, h: torch.Tensor, layout_map: torch.Tensor | BoxPlanes) -> torch.Tensor:
     """conv(cat([h, map])) for a 3x3, padding-1 `conv` whose last input channels read a layout map,
     dense or `BoxPlanes`. From planes: conv over h alone, plus the map's part as a grouped
@@ -276,8 +281,7 @@ def conv_over_map(conv: nn.Conv2d, h: torch.Tensor, layout_map: torch.Tensor | B
     features), the same sums in another order (the bundled GAN drew 2.2x faster). An ONNX export
     takes the dense map (a grouped convolution fixes the batch size in the graph)."""
     if not isinstance(layout_map, BoxPlanes) or torch.onnx.is_in_onnx_export():
-        dense = layout_map.dense() if isinstance(layout_map, BoxPlanes) else layout_map
-        return conv(torch.cat([h, dense], 1))
+        return conv(torch.cat([h, dense_map(layout_map)], 1))
     features, planes = layout_map.features.to(h.dtype), layout_map.planes.to(h.dtype)
     (b, k, n), (cout, cin) = features.shape, (conv.out_channels, h.size(1))
     weight = conv.weight.to(h.dtype)
