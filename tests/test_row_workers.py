@@ -119,3 +119,34 @@ def test_a_generator_draws_the_same_pictures_side_by_side_as_in_turn(two_threads
     with in_turn():
         turn = pipe(prompts, seed=3)
     assert [im.tobytes() for im in side] == [im.tobytes() for im in turn]
+
+
+def test_ordered_map_hands_results_in_order_without_waiting_for_a_slow_part():
+    """A part that ends first starts the next one while a slow part still runs (no meeting after
+    each batch), the results come in the items' order, and an endless stream is read `ahead` items
+    at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xmodal.data.parts import ordered_map
+
+    later_started, taken = threading.Event(), []
+
+    def work(item: int) -> int:
+        if item == 0:  # finishes only once item 2, the next batch's first part, has started
+            assert later_started.wait(timeout=10), "item 2 waited for item 0"
+        if item == 2:
+            later_started.set()
+        return item * item
+
+    def endless():
+        n = 0
+        while True:
+            taken.append(n)
+            yield n
+            n += 1
+
+    with ThreadPoolExecutor(2) as pool:
+        results = ordered_map(pool, work, endless(), ahead=4)
+        assert [next(results) for _ in range(6)] == [0, 1, 4, 9, 16, 25]
+        assert len(taken) <= 6 + 4
+        results.close()

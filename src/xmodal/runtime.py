@@ -30,7 +30,7 @@ from PIL import Image
 
 from xmodal.data.files import read_batches
 from xmodal.data.images import GeneratedImage, Preprocess, stream_images
-from xmodal.data.parts import even_parts, worker_pool
+from xmodal.data.parts import even_parts, ordered_map, worker_pool
 from xmodal.data.text import Vocabulary, word_ids
 from xmodal.models.layout_draws import LayoutConfig, check_length, sample_boxes
 
@@ -224,6 +224,18 @@ class Parts:
             return fn(rows[0])
         self.used = True
         return [item for part in worker_pool("xmodal-onnx", len(rows)).map(fn, rows) for item in part]
+
+    def map_ordered(self, fn: Callable[[list], list], batches: Iterable[list]) -> Iterator:
+        """fn(part) for each part of each batch (`run`'s cut), on the workers side by side, in order:
+        a worker that ends its part first starts the next batch's instead of waiting for the other
+        part (`ordered_map`)."""
+        return ordered_map(worker_pool("xmodal-onnx", self.workers), fn, self._cut(batches), 2 * self.workers)
+
+    def _cut(self, batches: Iterable[list]) -> Iterator[list]:
+        for batch in batches:
+            rows = even_parts(len(batch), self.workers, self.least)
+            self.used = self.used or len(rows) > 1
+            yield from (batch[r] for r in rows)
 
 
 def _cores() -> int:
@@ -424,7 +436,7 @@ class OnnxGenerator:
         none can be given to an export; the argument mirrors the PyTorch pipeline's)."""
         if options is not None and options.given():
             raise OnnxExportError("--runtime onnx draws as the model was exported: it takes no sampler options")
-        return stream_images(self.render, jobs, batch_size, progress)
+        return stream_images(self._render, jobs, batch_size, progress, self.parts.map_ordered)
 
     def __call__(self, prompts: Sequence[str] | str, n: int = 1, seed: int = 0, batch_size: int = 64,
                  options=None) -> list:

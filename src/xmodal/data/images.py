@@ -390,12 +390,17 @@ class GeneratedImage:
 
 
 def stream_images(render, jobs: Iterable[tuple[str, int]], batch_size: int,
-                  progress: Callable[[int], None] | None = None) -> Iterator[GeneratedImage]:
-    """GeneratedImages for (prompt, seed) jobs as they are made: `render(prompts, seeds)` on
-    `batch_size` jobs at a time, read lazily (a million jobs cost no memory up front)."""
+                  progress: Callable[[int], None] | None = None, map_chunks=map) -> Iterator[GeneratedImage]:
+    """GeneratedImages for (prompt, seed) jobs as they are made, in order: `render(prompts, seeds)`
+    on `batch_size` jobs at a time, read lazily (a million jobs cost no memory up front). The
+    chunks are rendered by `map_chunks(fn, chunks)` (one after another by default; in order on
+    several threads with `Parts.map_ordered`)."""
     jobs = iter(jobs)
-    while chunk := list(itertools.islice(jobs, batch_size)):
-        images = render([p for p, _ in chunk], [s for _, s in chunk])
+
+    def draw(chunk: list[tuple[str, int]]) -> tuple[list, list]:
+        return chunk, render([p for p, _ in chunk], [s for _, s in chunk])
+
+    for chunk, images in map_chunks(draw, iter(lambda: list(itertools.islice(jobs, batch_size)), [])):
         yield from (GeneratedImage(p, s, img) for (p, s), img in zip(chunk, images))
         if progress is not None:
             progress(len(chunk))

@@ -4,9 +4,10 @@ here imports torch."""
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 _pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
@@ -33,6 +34,20 @@ def worker_pool(name: str, workers: int, start: Callable[[ThreadPoolExecutor, in
                 start(pool, workers)
             _pools[(name, workers)] = pool
         return pool
+
+
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """fn(item) for each item on `pool`, the results in the items' order, at most `ahead` items
+    taken before their result is handed on: a part that ends first starts the next at once
+    instead of waiting for its batch's slowest part (a batch cut in parts meets after every
+    batch), and an endless stream of items costs `ahead` items of memory."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _forget_pools() -> None:
