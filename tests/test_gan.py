@@ -149,6 +149,30 @@ def test_the_discriminator_reads_box_planes_as_it_reads_the_dense_map(map_projec
     assert not planes.detach().features.requires_grad
 
 
+@pytest.mark.parametrize("map_projection", [True, False])
+def test_mismatched_texts_are_judged_on_the_real_pictures_own_trunk(map_projection):
+    """The discriminator's loss judges the real pictures with the next row's text on the trunk it
+    computed for them once (it reads the image alone when the map comes by projection): the scores
+    and gradients of separate calls; with the map beside the image, separate calls."""
+    torch.manual_seed(0)
+    config = DFGANConfig(image_size=32, channels=(32, 16, 16, 8), sentence_dim=16, map_projection=map_projection,
+                         patch_grid=8, spectral_norm=False)
+    d = Discriminator(16, 5 + 3, config, patch_stage=2)
+    boxes = torch.tensor([[[16.0, 32.0, 8.0], [44.0, 20.0, 5.0]]] * 4) + torch.rand(4, 2, 3) * 4
+    planes = box_planes(torch.randn(4, 2, 5), boxes, torch.ones(4, 2, dtype=torch.bool), size=32)
+    images, sentence = torch.randn(4, 3, 32, 32, requires_grad=True), torch.randn(4, 16)
+    assert d.shares_trunk(planes) == map_projection and d.shares_trunk(None)
+    h, at_patch = d.trunk(images, planes)
+    separate = d(images[:-1], sentence[1:], planes[1:])
+    if map_projection:
+        shared = d.judge((h[:-1], at_patch[:-1]), sentence[1:], planes[1:])
+        assert torch.allclose(shared, separate, atol=1e-5)
+        grad_shared, = torch.autograd.grad(shared.square().sum(), images)
+        grad_separate, = torch.autograd.grad(separate.square().sum(), images)
+        assert torch.allclose(grad_shared, grad_separate, atol=1e-5) and grad_shared[:-1].abs().sum() > 0
+    assert torch.allclose(d.judge((h, at_patch), sentence, planes), d(images, sentence, planes), atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [{"temperature": 0.0}, {"temperature": -1.0}, {"mode_seeking": -0.1},
                                  {"sentence_dim": -4}, {"patch_grid": 32}, {"patch_grid": 4}, {"patch_grid": 5},
                                  {"d_channels": (8, 8)}])

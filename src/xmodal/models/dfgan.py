@@ -197,16 +197,31 @@ class Discriminator(nn.Module):
         return (embed(small) * F.leaky_relu(h, 0.2)).sum(1, keepdim=True)
 
     def forward(self, images, sentence, layout_map=None):  # images (B, 3, 64, 64), sentence (B, E)
-        projected = self.map_projection and layout_map is not None
+        return self.judge(self.trunk(images, layout_map), sentence, layout_map)
+
+    def shares_trunk(self, layout_map) -> bool:
+        """Whether `trunk` reads the image alone (the map, if any, only by projection), so that one
+        trunk serves the same pictures judged with other texts and maps."""
+        return layout_map is None or self.map_projection
+
+    def trunk(self, images, layout_map=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The picture's features: at 4 px, and where the patch head reads (None without one)."""
         if layout_map is not None and not self.map_projection:  # (B, M, 64, 64)
             images = torch.cat([images, dense_map(layout_map)], 1)
-        h = self.stem(channels_last(images))
-        patches = []
+        h, at_patch = self.stem(channels_last(images)), None
         for i, block in enumerate(self.blocks):
             if i == self.patch_stage and self.patch is not None:
-                patch = self.patch(h) + (self.project(self.map_patch, layout_map, h) if projected else 0)
-                patches = [patch.flatten(1)]  # (B, P)
+                at_patch = h
             h = block(h)  # ends (B, C0, 4, 4)
+        return h, at_patch
+
+    def judge(self, features, sentence, layout_map=None) -> torch.Tensor:
+        """Scores (B, 1 + P) of the trunk's features with a sentence (and map)."""
+        (h, at_patch), projected = features, self.map_projection and layout_map is not None
+        patches = []
+        if at_patch is not None:
+            patch = self.patch(at_patch) + (self.project(self.map_patch, layout_map, at_patch) if projected else 0)
+            patches = [patch.flatten(1)]  # (B, P)
         sentence = self.sentence(sentence)
         s = sentence[..., None, None].expand(-1, -1, h.size(2), h.size(3))
         score = self.joint(torch.cat([h, s], dim=1)).view(-1)  # (B,)
@@ -331,9 +346,15 @@ class DFGAN(TextToImageModel):
         reaches the generator) and real images with another row's text low. Plus the
         matching-aware gradient penalty on real images with their own text, every gp_every steps."""
         b = images.size(0)
-        d_real = self.discriminator(images, sentence, full)
-        d_fake = self.discriminator(fake.detach(), sentence, full)
-        d_mismatch = self.discriminator(images[:-1], sentence[1:], full[1:] if full is not None else None) if b > 1 else d_fake
+        d = self.discriminator
+        real = d.trunk(images, full)
+        d_real = d.judge(real, sentence, full)
+        d_fake = d(fake.detach(), sentence, full)
+        d_mismatch = d_fake
+        if b > 1:  # the real pictures with the next row's text: their trunk is the same where it reads the image alone
+            shifted = full[1:] if full is not None else None
+            d_mismatch = (d.judge(tuple(x[:-1] if x is not None else None for x in real), sentence[1:], shifted)
+                          if d.shares_trunk(full) else d(images[:-1], sentence[1:], shifted))
         d_loss = per_head_mean(F.relu(1 - d_real)) + 0.5 * (per_head_mean(F.relu(1 + d_fake))
                                                             + per_head_mean(F.relu(1 + d_mismatch)))
         gp = images.new_zeros(())
