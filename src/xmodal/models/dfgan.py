@@ -353,8 +353,11 @@ class DFGAN(TextToImageModel):
         d_mismatch = d_fake
         if b > 1:  # the real pictures with the next row's text: their trunk is the same where it reads the image alone
             shifted = full[1:] if full is not None else None
-            d_mismatch = (d.judge(tuple(x[:-1] if x is not None else None for x in real), sentence[1:], shifted)
-                          if d.shares_trunk(full) else d(images[:-1], sentence[1:], shifted))
+            if d.shares_trunk(full):
+                h, at_patch = real
+                d_mismatch = d.judge((h[:-1], None if at_patch is None else at_patch[:-1]), sentence[1:], shifted)
+            else:
+                d_mismatch = d(images[:-1], sentence[1:], shifted)
         d_loss = per_head_mean(F.relu(1 - d_real)) + 0.5 * (per_head_mean(F.relu(1 + d_fake))
                                                             + per_head_mean(F.relu(1 + d_mismatch)))
         gp = images.new_zeros(())
