@@ -28,6 +28,7 @@ import xmodal
 from xmodal.data.shapes import ShapesDataset
 from xmodal.metrics.scenes import judge_reader
 from xmodal.models.base import GenerateOptions
+from xmodal.models.hub import PRECISIONS, autocast_dtype
 from xmodal.tasks import text_to_image
 from xmodal.tasks.records import prompts as record_prompts
 from xmodal.tasks.records import scene_specs
@@ -70,13 +71,13 @@ def speed(pipe, options: GenerateOptions, batch: int) -> float:
     return round(best, 1)
 
 
-def speed_report(pipe, options: GenerateOptions, drawer=None) -> dict:
+def speed_report(pipe, options: GenerateOptions, drawer=None, bf16: bool = False) -> dict:
     """Images per second in batches of 64 and 256 (drawn by `drawer`, default the pipeline), and
     how near the machine's peak batch 64 runs (FLOPs counted on the PyTorch model: the same work)."""
     rates = {f"batch{b}": speed(drawer or pipe, options, b) for b in (64, 256)}
     prompts = record_prompts(ShapesDataset("test", 64, seed=92).records)
     used = utilization(lambda: pipe(prompts, batch_size=64, options=options), 64, rates["batch64"], pipe.model,
-                       torch.is_autocast_enabled("cpu"), ops=drawer is None)
+                       bf16, ops=drawer is None)
     return {"images_per_s": rates, "utilization": used, **(decoder_share(pipe, rates["batch64"]) if drawer is None else {})}
 
 
@@ -121,27 +122,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--sampler")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for generation")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the generator's: auto (its default dtype where this CPU computes it natively), float32, bfloat16")
+    parser.add_argument("--bf16", action="store_true", help="the same as --precision bfloat16")
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
     args = parser.parse_args()
     pipe = xmodal.load(args.model)
+    pipe.precision = "bfloat16" if args.bf16 else args.precision
+    bf16 = args.runtime == "torch" and autocast_dtype(pipe.model, pipe.precision) == torch.bfloat16
     scratch = tempfile.TemporaryDirectory()
     drawer = onnx_drawer(args.model, scratch.name) if args.runtime == "onnx" else None
     readers = {f"cycle/{name}": text_to_image.reader(xmodal.load(name)) for name in args.captioner}
     readers["judge"] = judge_reader
     options = pipe.options(GenerateOptions(steps=args.steps, guidance=args.guidance, sampler=args.sampler))
     result = {"model": args.model, "registry": pipe.model.registry_name, "parameters": pipe.model.num_parameters(),
-              "text_encoder": pipe.model.config.text_encoder.kind, "options": options.given(), "bf16": args.bf16,
+              "text_encoder": pipe.model.config.text_encoder.kind, "options": options.given(), "bf16": bf16,
               "threads": torch.get_num_threads(), "runtime": args.runtime}
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-        if not args.no_quality:
-            for split in ("test", "novel"):
-                result[split] = evaluate(pipe, readers, split, args.count, options, drawer, args.prompt_seed,
-                                         args.image_seed)
-        if not args.no_speed:
-            result.update(speed_report(pipe, options, drawer))
+    if not args.no_quality:
+        for split in ("test", "novel"):
+            result[split] = evaluate(pipe, readers, split, args.count, options, drawer, args.prompt_seed, args.image_seed)
+    if not args.no_speed:
+        result.update(speed_report(pipe, options, drawer, bf16))
     scratch.cleanup()
     print(json.dumps(result))
 

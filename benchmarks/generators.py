@@ -28,6 +28,7 @@ import xmodal
 from xmodal.metrics.scenes import judge_reader
 from xmodal.models.base import GenerateOptions
 from xmodal.models.folders import read_model_meta
+from xmodal.models.hub import autocast_dtype
 from xmodal.tasks import text_to_image
 
 CAPTIONER = "shapes-captioner-transformer"
@@ -45,6 +46,7 @@ def shapes_row(name: str, readers: dict, count: int, grid: str | None = None) ->
             row[f"{split}_{style}_cycle"] = measured[style]["cycle"]["scene_accuracy"]
             row[f"{split}_{style}_judge"] = measured[style]["judge"]["scene_accuracy"]
     row["images_per_s"] = generator.speed(pipe, options, 64)
+    row["bf16"] = autocast_dtype(pipe.model, pipe.precision) == torch.bfloat16  # its default precision here
     row["training_minutes"] = fashion.card_minutes(name)
     if grid:  # diversity at a fixed prompt: 16 seeds per row
         from xmodal.sheets import seed_grid
@@ -78,8 +80,8 @@ def markdown(rows: list[dict]) -> str:
             quality = (f"read back {pct(r['canonical_read_back'])} (open vocabulary "
                        f"{pct(r['open_vocabulary_read_back'])}), FID {r['fid']:.2f}, diversity {r['diversity']:.2f}")
         minutes = f"{r['training_minutes']:g} min" if r["training_minutes"] is not None else "-"
-        lines.append(f"| {r['data']} | `{r['model']}` | {r['registry']} | {quality} | {r['images_per_s']:,.0f} | "
-                     f"{minutes} |")
+        speed = f"{r['images_per_s']:,.0f}" + (" (bf16)" if r.get("bf16") else "")
+        lines.append(f"| {r['data']} | `{r['model']}` | {r['registry']} | {quality} | {speed} | {minutes} |")
     return "\n".join(lines)
 
 

@@ -328,7 +328,9 @@ def _generator(args: argparse.Namespace):
     `--runtime` allows and the model has an export of its weights, else the PyTorch pipeline."""
     given = any(v is not None for v in (args.steps, args.guidance, args.sampler, args.negative))
     export = None
-    if args.runtime != "torch":
+    if args.runtime == "onnx" and args.precision == "bfloat16":
+        raise ValueError("--runtime onnx draws in float32: drop --precision bfloat16 (or use --runtime torch)")
+    if args.runtime != "torch" and args.precision != "bfloat16":  # (auto: bf16 is PyTorch's)
         from xmodal.runtime import find_generator_export
 
         export = find_generator_export(args.model, given, require=args.runtime == "onnx")
@@ -337,6 +339,7 @@ def _generator(args: argparse.Namespace):
 
         return OnnxGenerator(export), None
     pipe = _load(args.model, "text-to-image")
+    pipe.precision = args.precision
     return pipe, pipe.options(_options(args))
 
 
@@ -580,6 +583,9 @@ def _add_use(sub) -> None:
                      help="onnx: onnxruntime, no PyTorch (--model is an export, or a model with one in MODEL/onnx; "
                           "its own seeds: not the pictures torch draws); auto: onnx where the model has an export "
                           "of its weights and no sampler option is given")
+    gen.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                     help="PyTorch runtime: auto draws in the model's default dtype (bf16 for shapes-gan) where this "
+                          "machine computes it natively, else float32")
     _add_sampler_options(gen)
 
     demo = sub.add_parser("demo", help="generate pictures from sample prompts and caption them back")

@@ -75,6 +75,9 @@ class DFGANConfig:
     # a student: the GAN (name or folder) whose pictures the generator learned to draw, for the
     # record (`DFGAN.learn_from`; training reads it as the [model] teacher)
     teacher: str = ""
+    # "bfloat16": pipelines draw under bf16 autocast by default where the device computes bf16
+    # natively (`xmodal.models.hub.autocast_for`; its card measures it both ways); "float32": never
+    inference_dtype: str = "float32"
 
 
 class Affine(nn.Module):
@@ -261,6 +264,8 @@ class DFGAN(TextToImageModel):
                              f"{config.sentence_dim} and {config.pixel_width}")
         if config.layout_only and config.layout is None:
             raise ValueError("layout_only reads the text through the layout map: it needs a layout stage")
+        if config.inference_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"inference_dtype must be 'float32' or 'bfloat16', got {config.inference_dtype!r}")
         self.map_sizes = tuple(sizes[1:len(config.channels)])  # where the generator blocks read the layout map
         e = self.text_encoder.out_dim
         m = self.layout.config.channels if self.layout is not None else 0
@@ -284,6 +289,9 @@ class DFGAN(TextToImageModel):
             raise ValueError(f"a student draws at its teacher's size ({teacher.config.image_size} px) from its layout "
                              f"maps {teacher.map_sizes}, or the first of them")
         self.teacher = (teacher.eval().requires_grad_(False),)
+
+    def inference_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.inference_dtype == "bfloat16" else torch.float32
 
     def param_groups(self) -> list[dict]:
         g = list(self.generator.parameters())

@@ -7,6 +7,7 @@ config picks the class. Weights saved on GPU load on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -27,6 +28,7 @@ from xmodal.models.folders import (  # noqa: F401 (re-exported)
 from xmodal.models.registry import get_model_class, make_config
 
 FORMAT_VERSION = 1
+PRECISIONS = ("auto", "float32", "bfloat16")  # how a pipeline runs its model (`autocast_for`)
 
 
 class PretrainedModel(Capable, nn.Module):
@@ -124,6 +126,37 @@ class PretrainedModel(Capable, nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def inference_dtype(self) -> torch.dtype:
+        """The dtype this model runs in by default where the device computes it natively
+        (`autocast_for`): float32, unless its config names bfloat16, whose numbers its card gives."""
+        return torch.float32
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (a CPU with AVX512-BF16 or AMX, a GPU with bf16),
+    where bf16 autocast is fast; elsewhere it is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast_dtype(model: PretrainedModel, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype a pipeline runs `model` in: bf16 for "bfloat16", and for "auto" where the
+    model's default is bf16 (`inference_dtype`) and its device computes bf16 natively; else None,
+    no autocast of its own ("float32" leaves a caller's, as the benchmarks' --bf16, in force)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bfloat16" or (precision == "auto" and model.inference_dtype() == torch.bfloat16
+                                   and native_bf16(model.device)):
+        return torch.bfloat16
+    return None
+
+
+def autocast_for(model: PretrainedModel, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The context of `autocast_dtype`: bf16 autocast on the model's device, or no change."""
+    dtype = autocast_dtype(model, precision)
+    return torch.autocast(model.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

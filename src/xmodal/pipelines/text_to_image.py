@@ -11,12 +11,24 @@ from PIL import Image
 from xmodal.data.images import GeneratedImage, stream_images, to_pils
 from xmodal.data.text import check_texts
 from xmodal.models.base import SAMPLER_OPTIONS, GenerateOptions, supports
+from xmodal.models.hub import PRECISIONS, autocast_for
 from xmodal.models.row_workers import row_parts, run_chunks
 
 
 class TextToImagePipeline:
-    def __init__(self, model):
+    def __init__(self, model, precision: str = "auto"):
         self.model = model.eval()
+        self.precision = precision  # "auto": the model's default dtype where the device runs it natively
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+        self._precision = value
 
     @property
     def name(self) -> str:
@@ -61,7 +73,8 @@ class TextToImagePipeline:
         def part(rows: slice) -> list[Image.Image]:
             return to_pils(self.model.generate(prompts[rows], seeds[rows], **given))
 
-        with warnings.catch_warnings():  # (the filters are the process's: the workers' too)
+        with warnings.catch_warnings(), autocast_for(self.model, self.precision):  # the workers run in both
+            # (warning filters are the process's; `run_chunks` carries autocast into its threads)
             warnings.simplefilter("ignore")  # unknown words are reported by check_prompts
             parts = run_chunks(part, row_parts(len(prompts), self.model.device))
         return [image for images in parts for image in images]
