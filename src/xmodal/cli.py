@@ -596,7 +596,7 @@ def _add_use(sub) -> None:
                      help="onnx: onnxruntime, no PyTorch (--model is an export, or a model with one in MODEL/onnx; "
                           "its own seeds: not the pictures torch draws); auto: onnx where the model has an export "
                           "of its weights and no sampler option is given")
-    gen.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+    gen.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",  # hub.PRECISIONS (no torch here)
                      help="PyTorch runtime: auto draws in the model's default dtype (bf16 for shapes-gan) where this "
                           "machine computes it natively, else float32")
     _add_sampler_options(gen)

@@ -30,6 +30,7 @@ from torch.func import functional_call
 
 from xmodal.models.base import CPU_CHUNK, DRAW, LAYOUT
 from xmodal.models.generation import TextToImageModel, stage_sizes
+from xmodal.models.hub import DTYPES
 from xmodal.models.image_encoders import channels_last, upsample2x
 from xmodal.models.layout import BoxPlanes, LayoutConfig, conv_over_map, dense_map
 from xmodal.models.registry import register_model
@@ -264,7 +265,7 @@ class DFGAN(TextToImageModel):
                              f"{config.sentence_dim} and {config.pixel_width}")
         if config.layout_only and config.layout is None:
             raise ValueError("layout_only reads the text through the layout map: it needs a layout stage")
-        if config.inference_dtype not in ("float32", "bfloat16"):
+        if config.inference_dtype not in DTYPES:
             raise ValueError(f"inference_dtype must be 'float32' or 'bfloat16', got {config.inference_dtype!r}")
         self.map_sizes = tuple(sizes[1:len(config.channels)])  # where the generator blocks read the layout map
         e = self.text_encoder.out_dim

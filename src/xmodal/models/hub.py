@@ -28,7 +28,8 @@ from xmodal.models.folders import (  # noqa: F401 (re-exported)
 from xmodal.models.registry import get_model_class, make_config
 
 FORMAT_VERSION = 1
-PRECISIONS = ("auto", "float32", "bfloat16")  # how a pipeline runs its model (`autocast_for`)
+DTYPES = ("float32", "bfloat16")  # what a model's config may name as its `inference_dtype`
+PRECISIONS = ("auto", *DTYPES)  # how a pipeline runs its model (`autocast_for`): "auto" is the model's own
 
 
 class PretrainedModel(Capable, nn.Module):
@@ -141,13 +142,18 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def check_precision(precision: str) -> str:
+    """`precision` if it is one of PRECISIONS, else a ValueError naming them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
 def autocast_dtype(model: PretrainedModel, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype a pipeline runs `model` in: bf16 for "bfloat16", and for "auto" where the
     model's default is bf16 (`inference_dtype`) and its device computes bf16 natively; else None,
     no autocast of its own ("float32" leaves a caller's, as the benchmarks' --bf16, in force)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bfloat16" or (precision == "auto" and model.inference_dtype() == torch.bfloat16
+    if check_precision(precision) == "bfloat16" or (precision == "auto" and model.inference_dtype() == torch.bfloat16
                                    and native_bf16(model.device)):
         return torch.bfloat16
     return None

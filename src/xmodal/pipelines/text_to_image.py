@@ -11,7 +11,7 @@ from PIL import Image
 from xmodal.data.images import GeneratedImage, stream_images, to_pils
 from xmodal.data.text import check_texts
 from xmodal.models.base import SAMPLER_OPTIONS, GenerateOptions, supports
-from xmodal.models.hub import PRECISIONS, autocast_for
+from xmodal.models.hub import autocast_for, check_precision
 from xmodal.models.row_workers import row_parts, run_chunks
 
 
@@ -26,9 +26,7 @@ class TextToImagePipeline:
 
     @precision.setter
     def precision(self, value: str) -> None:
-        if value not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
-        self._precision = value
+        self._precision = check_precision(value)
 
     @property
     def name(self) -> str:
