@@ -61,12 +61,11 @@ def _reorder(state: dict, index: torch.Tensor) -> dict:
     return {k: v.index_select(0, index) for k, v in state.items()}
 
 
-def _block(log_probs: torch.Tensor, histories: list[list[int]], options: DecodeOptions) -> torch.Tensor:
-    """Repetition guard: forbid tokens that would repeat the last word or an n-gram."""
+def _block(log_probs: torch.Tensor, previous: torch.Tensor, histories: list[list[int]], options: DecodeOptions) -> torch.Tensor:
+    """Repetition guard: forbid tokens that would repeat the last word (`previous`, the words just
+    fed to the step: <start>, itself forbidden, before the first) or an n-gram."""
     if options.block_consecutive_repeats:
-        rows = [r for r, h in enumerate(histories) if h]
-        if rows:
-            log_probs[rows, [histories[r][-1] for r in rows]] = float("-inf")
+        log_probs.scatter_(1, previous[:, None].cpu(), float("-inf"))
     n = options.no_repeat_ngram
     if not n:
         return log_probs
@@ -79,10 +78,11 @@ def _block(log_probs: torch.Tensor, histories: list[list[int]], options: DecodeO
     return log_probs
 
 
+_NEVER = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]  # "<unk>" is never a useful word to write
+
+
 def _forbid_specials(log_probs: torch.Tensor, length: int, options: DecodeOptions) -> torch.Tensor:
-    log_probs[:, Vocabulary.pad_id] = float("-inf")
-    log_probs[:, Vocabulary.start_id] = float("-inf")
-    log_probs[:, Vocabulary.unk_id] = float("-inf")  # "<unk>" is never a useful word to write
+    log_probs[:, _NEVER] = float("-inf")
     if length < options.min_len:
         log_probs[:, Vocabulary.end_id] = float("-inf")
     return log_probs
@@ -132,12 +132,12 @@ def _left_to_right(model, state, options, generator, return_attention) -> list[D
     tokens = torch.full((b,), Vocabulary.start_id, dtype=torch.long, device=device)
     histories: list[list[int]] = [[] for _ in range(b)]
     attentions: list[list[torch.Tensor]] = [[] for _ in range(b)]
-    scores = torch.zeros(b)
+    scores = [0.0] * b
     done = [False] * b  # Python lists, not tensors: indexing a tensor row by row costs more than the model's step
     reached_end = [False] * b
     for t in range(options.max_len + 1):
         log_probs, state, attention = model.step(state, tokens)
-        log_probs = _block(_forbid_specials(log_probs.float().cpu(), t, options), histories, options)
+        log_probs = _block(_forbid_specials(log_probs.float().cpu(), t, options), tokens, histories, options)
         forced = t >= options.max_len  # every unfinished caption has max_len words now
         if forced:  # only <end> is left
             log_probs = torch.full_like(log_probs, float("-inf"))
@@ -146,12 +146,12 @@ def _left_to_right(model, state, options, generator, return_attention) -> list[D
             choice = _sample(log_probs, options, generator)
         else:
             choice = log_probs.argmax(dim=-1)
-        chosen = log_probs.gather(1, choice[:, None].cpu()).squeeze(1)  # (B,)
-        scores += torch.where(torch.tensor(done), torch.zeros_like(chosen), chosen)
+        chosen = log_probs.gather(1, choice[:, None].cpu())[:, 0].tolist()
         step_attention = attention.float().cpu() if (return_attention and attention is not None) else None
         for i, token in enumerate(choice.tolist()):
             if done[i]:
                 continue
+            scores[i] += chosen[i]
             if token == Vocabulary.end_id:
                 done[i], reached_end[i] = True, not forced
             else:
@@ -161,8 +161,7 @@ def _left_to_right(model, state, options, generator, return_attention) -> list[D
         if all(done):
             break
         tokens = choice.to(device)
-    return [Decoded(h, float(s), e, torch.stack(a) if a else None)
-            for h, s, e, a in zip(histories, scores, reached_end, attentions)]
+    return [Decoded(h, s, e, torch.stack(a) if a else None) for h, s, e, a in zip(histories, scores, reached_end, attentions)]
 
 
 def _sample(log_probs: torch.Tensor, options: DecodeOptions, generator) -> torch.Tensor:
@@ -192,7 +191,7 @@ def _beam(model, state, options, return_attention) -> list[Decoded]:
     tokens = torch.full((b * k,), Vocabulary.start_id, dtype=torch.long, device=device)
     for t in range(options.max_len + 1):
         log_probs, state, attention = model.step(state, tokens)
-        log_probs = _block(_forbid_specials(log_probs.float().cpu(), t, options), histories, options)  # (B*K, V)
+        log_probs = _block(_forbid_specials(log_probs.float().cpu(), t, options), tokens, histories, options)  # (B*K, V)
         if t == options.max_len:
             log_probs = torch.full_like(log_probs, float("-inf"))
             log_probs[:, Vocabulary.end_id] = 0.0
