@@ -153,3 +153,26 @@ def test_the_graphs_onnxruntime_optimized_are_kept_and_a_damaged_or_unwritable_c
     blocked.write_text("not a folder")
     monkeypatch.setenv("XMODAL_CACHE_DIR", str(blocked / "cache"))
     assert OnnxCaptioner(export)(pictures) == captions and blocked.read_text() == "not a folder"
+
+
+def test_the_server_captions_with_the_export_where_the_model_has_one(images, tmp_path):
+    from fastapi.testclient import TestClient
+    from tiny_models import save_tiny_models
+
+    from xmodal.server import create_app
+
+    folder = trained_briefly("transformer-captioner", tmp_path)
+    export_onnx(folder, folder / "onnx")
+    tiny = save_tiny_models(tmp_path / "tiny", seed=6)
+    expected = xmodal.load(folder)([images[0]], method="greedy")[0]
+    for runtime, used in (("auto", "onnx"), ("onnx", "onnx"), ("torch", "torch")):
+        with TestClient(create_app(str(tiny / "gen"), str(folder), runtime=runtime)) as client:
+            assert client.get("/v1/models").json()["loaded"]["captioner"]["runtime"] == used
+            upload = {"file": ("a.png", images[0].read_bytes(), "image/png")}
+            assert client.post("/v1/caption", files=upload).json()["caption"] == expected
+    with TestClient(create_app(str(tiny / "gen"), str(tiny / "cap"))) as client:  # no export: PyTorch
+        assert client.get("/v1/models").json()["loaded"]["captioner"]["runtime"] == "torch"
+    with pytest.raises(OnnxExportError, match="has no ONNX export"):
+        create_app(str(tiny / "gen"), str(tiny / "cap"), runtime="onnx")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        create_app(str(tiny / "gen"), str(folder), runtime="fast")

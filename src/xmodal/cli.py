@@ -479,7 +479,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from xmodal.server import serve
 
     serve(args.host, args.port, args.generator, args.captioner, api_key=args.api_key, cors_origin=args.cors_origin,
-          docs=not args.no_docs)
+          docs=not args.no_docs, runtime=args.runtime)
     return 0
 
 
@@ -617,6 +617,9 @@ def _add_use(sub) -> None:
     srv.add_argument("--api-key", help="require this key (X-API-Key header) on /v1 routes (default: $XMODAL_API_KEY)")
     srv.add_argument("--cors-origin", help="allow browser requests from this origin")
     srv.add_argument("--no-docs", action="store_true", help="no /docs page or OpenAPI schema")
+    srv.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto",
+                     help="the captioner's: auto uses the model's ONNX export (onnxruntime) where it has one for its "
+                          "own decoding, as xmodal caption does; torch always PyTorch")
 
 
 def _add_measure(sub) -> None:
