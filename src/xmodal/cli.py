@@ -601,6 +601,8 @@ def _add_use(sub) -> None:
                           "machine computes it natively, else float32")
     _add_sampler_options(gen)
 
+
+def _add_show(sub) -> None:
     demo = sub.add_parser("demo", help="generate pictures from sample prompts and caption them back")
     demo.set_defaults(func=_cmd_demo)
     demo.add_argument("--generator", default=DEFAULT_GENERATOR)
@@ -684,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path)
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     _add_use(sub)
+    _add_show(sub)
     _add_measure(sub)
     return parser
 
