@@ -74,19 +74,20 @@ class DecoderBlock(nn.Module):
         Returns x, the keys and values with this position appended, and the cross-attention weights
         (B, N), the mean over heads (None unless `need_weights`: the fused attention kernel took a
         quarter of the time of the softmax spelled out)."""
-        heads, d = self.self_attn.num_heads, x.size(-1)
+        b, d, heads = x.size(0), x.size(-1), self.self_attn.num_heads
+        one = (b, -1, 1, d // heads)  # (B, 1, d) as (B, H', 1, d/H): one position needs no transpose
         qkv = F.linear(_norm(self.norm1, x), self.self_attn.in_proj_weight, self.self_attn.in_proj_bias)
-        q, k, v = _heads(qkv, 3 * heads).split(heads, 1)
+        q, k, v = qkv.view(one).split(heads, 1)
         keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
         attended = F.scaled_dot_product_attention(q, keys, values)  # sees every earlier position
-        x = x + _linear(self.self_attn.out_proj, _merge(attended))
-        q = _heads(F.linear(_norm(self.norm2, x), self.cross_attn.in_proj_weight[:d], self.cross_attn.in_proj_bias[:d]), heads)
+        x = x + _linear(self.self_attn.out_proj, attended.reshape(b, 1, d))
+        q = F.linear(_norm(self.norm2, x), self.cross_attn.in_proj_weight[:d], self.cross_attn.in_proj_bias[:d]).view(one)
         if need_weights:
             weights = (q @ cross_k.transpose(-1, -2) * q.size(-1) ** -0.5).softmax(-1)  # (B, H, 1, N)
             attended = weights @ cross_v
         else:
             weights, attended = None, F.scaled_dot_product_attention(q, cross_k, cross_v)
-        x = x + _linear(self.cross_attn.out_proj, _merge(attended))
+        x = x + _linear(self.cross_attn.out_proj, attended.reshape(b, 1, d))
         up, down = self.mlp[0], self.mlp[2]
         x = x + _linear(down, F.gelu(_linear(up, _norm(self.norm3, x))))
         return x, keys, values, None if weights is None else weights.mean(1)[:, 0]
@@ -102,10 +103,6 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:  # (B, T, d) -> (B, H, T, d/H)
     return x.view(x.size(0), x.size(1), heads, -1).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, d/H) -> (B, T, d)
-    return x.transpose(1, 2).reshape(x.size(0), x.size(2), -1)
 
 
 @register_model("transformer-captioner")
