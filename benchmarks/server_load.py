@@ -1,6 +1,6 @@
 """Load check: concurrent clients on loopback against `xmodal serve`.
 
-    python benchmarks/server_load.py [--clients 50] [--requests 10] [--generate-every 5]
+    python benchmarks/server_load.py [--clients 50] [--requests 10] [--generate-every 5] [--runtime torch]
 
 Starts the server as a subprocess on a free loopback port, runs `--clients` threads that
 each send `--requests` requests (every `--generate-every`-th one a /v1/generate with n=1,
@@ -46,10 +46,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--generate-every", type=int, default=5)
     parser.add_argument("--generator", default=None)
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto", help="the captioner's (xmodal serve --runtime)")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
     port = free_port()
-    cmd = [sys.executable, "-m", "xmodal", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "xmodal", "serve", "--port", str(port), "--runtime", args.runtime]
     if args.generator:
         cmd += ["--generator", args.generator]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,7 +111,7 @@ def main() -> None:
                     "p99_ms": round(1000 * values[min(len(values) - 1, int(0.99 * len(values)))], 1)}
 
         total = sum(len(v) for v in latencies.values())
-        print(json.dumps({"clients": args.clients, "requests": args.clients * args.requests, "ok": total,
+        print(json.dumps({"runtime": args.runtime, "clients": args.clients, "requests": args.clients * args.requests, "ok": total,
                           "errors": len(errors), "error_examples": errors[:3], "seconds": round(seconds, 2),
                           "requests_per_s": round(total / seconds, 1),
                           "caption": summary(latencies["caption"]), "generate": summary(latencies["generate"])}))

@@ -97,7 +97,7 @@ def _locate(model: str, task: str) -> tuple[Path | None, str]:
     if kind in NOT_EXPORTABLE:
         return None, f"{model} is a {kind}: it has no ONNX export (caption with PyTorch)"
     if not (export / "onnx.json").is_file():
-        return None, (f"{model} has no ONNX export: run `xmodal export onnx {model} OUT` and give --model OUT, "
+        return None, (f"{model} has no ONNX export: run `xmodal export onnx {model} OUT` and give OUT as the model, "
                       f"or export to {export}")
     if _read_meta(export, task).get("weights_sha256") != weights_digest(folder):
         return None, f"{export} was exported from other weights than {folder}'s: export again"

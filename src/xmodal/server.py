@@ -220,9 +220,12 @@ def _load_captioner(name: str, runtime: str) -> tuple:
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime != "torch":
-        from xmodal.runtime import OnnxCaptioner, find_export
+        from xmodal.runtime import OnnxCaptioner, OnnxExportError, find_export
 
-        export = find_export(name, None, require=runtime == "onnx")
+        try:
+            export = find_export(name, None, require=runtime == "onnx")
+        except OnnxExportError as e:
+            raise OnnxExportError(f"--runtime onnx, captioner {name}: {e} (or serve with --runtime auto)") from None
         if export is not None:
             captioner = OnnxCaptioner(export)
             return captioner, captioner.meta["model"], "onnx"
