@@ -139,6 +139,41 @@ def test_no_beam_reaches_end_returns_best_unfinished():
     assert guarded.tokens == [4, 5, 4, 5]  # repetition guard: no word twice in a row
 
 
+class Counted:
+    """Row r writes `images[r, 0, 0, 0]` words ("a b a ...") then <end>; every step's row count is kept."""
+
+    def __init__(self):
+        self.rows = []
+
+    def encode_images(self, images):
+        return {"n": images[:, 0, 0, 0].long()}
+
+    def init_state(self, memory):
+        return {"t": torch.zeros_like(memory["n"]), "n": memory["n"]}
+
+    def step(self, state, tokens):
+        self.rows.append(len(tokens))
+        logits = torch.full((len(tokens), 6), -9.0)
+        ended = state["t"] >= state["n"]
+        logits[ended, 2] = 0.0
+        logits[~ended, 4 + state["t"][~ended] % 2] = 0.0
+        return logits.log_softmax(-1), {"t": state["t"] + 1, "n": state["n"]}, None
+
+
+def test_greedy_rows_that_ended_leave_the_batch_and_nothing_else_changes():
+    lengths = [1, 6, 1, 1, 3, 1, 6, 1]
+    images = torch.tensor(lengths, dtype=torch.float)[:, None, None, None].expand(-1, 3, 4, 4)
+    model = Counted()
+    together = decode(model, images, DecodeOptions(method="greedy", max_len=8))
+    assert model.rows == [8, 8, 3, 3, 2, 2, 2]  # 5 of 8 ended after one word, 1 of 3 after three
+    alone = [decode(Counted(), images[i:i + 1], DecodeOptions(method="greedy", max_len=8))[0] for i in range(8)]
+    assert [(d.tokens, d.score, d.finished) for d in together] == [(d.tokens, d.score, d.finished) for d in alone]
+    assert [len(d.tokens) for d in together] == lengths
+    sampled = Counted()
+    decode(sampled, images, DecodeOptions(method="sample", max_len=8), generator=torch.Generator().manual_seed(0))
+    assert sampled.rows == [8] * 7  # sampling draws for every row at every step
+
+
 def test_unknown_word_is_never_written():
     # <unk> (3) is the likeliest token at every step; every decoding method must write "a" (4) instead
     model = Scripted(lambda t, tok: [-9, -9, -9 if t < 2 else 0.0, 0.0, -0.5, -1.0], 6)

@@ -276,13 +276,15 @@ class OnnxCaptioner:
         return out[0], out[1:]
 
     def decode(self, images: np.ndarray, max_len: int = 0, min_len: int = 0) -> list[list[int]]:
-        """Greedy word ids for a batch of preprocessed images (B, 3, H, W)."""
+        """Greedy word ids for a batch of preprocessed images (B, 3, H, W). Rows that have ended
+        leave the state once a quarter of them have, as in `xmodal.models.decoding`."""
         max_len = max_len or self.meta["max_len"]
         b = len(images)
         state = self.start(images)
         tokens = np.full(b, Vocabulary.start_id, dtype=np.int64)
         words: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
+        rows = np.arange(b)  # the caption of each row of the state
         for t in range(max_len + 1):
             log_probs, state = self.step(tokens, state)
             log_probs = log_probs.astype(np.float32)
@@ -290,16 +292,19 @@ class OnnxCaptioner:
             if t < min_len:
                 log_probs[:, Vocabulary.end_id] = -np.inf
             if t:
-                log_probs[np.arange(b), tokens] = -np.inf  # never the same word twice in a row
-            choice = np.full(b, Vocabulary.end_id) if t == max_len else log_probs.argmax(-1)
-            for i in np.flatnonzero(~done):
+                log_probs[np.arange(len(rows)), tokens] = -np.inf  # never the same word twice in a row
+            choice = np.full(len(rows), Vocabulary.end_id) if t == max_len else log_probs.argmax(-1)
+            for i in np.flatnonzero(~done[rows]):
                 if choice[i] == Vocabulary.end_id:
-                    done[i] = True
+                    done[rows[i]] = True
                 else:
-                    words[i].append(int(choice[i]))
+                    words[rows[i]].append(int(choice[i]))
             if done.all():
                 break
             tokens = choice.astype(np.int64)
+            live = np.flatnonzero(~done[rows])
+            if len(live) <= 0.75 * len(rows):
+                state, tokens, rows = [s[live] for s in state], tokens[live], rows[live]
         return words
 
     def caption_batch(self, batch: np.ndarray, **limits) -> list[str]:
