@@ -215,8 +215,8 @@ def _load_captioner(name: str, runtime: str) -> tuple:
     """(captioner, its model's kind, "onnx" or "torch"): as `xmodal caption` chooses, the model's
     ONNX export where `runtime` allows and the model has one for its own decoding (greedy), else
     the PyTorch pipeline. The server captions with the model's own decoding and no attention maps,
-    which the export gives: the same captions, one picture in 2.1-3.4 ms of model time against
-    6-9 ms in PyTorch on a 2-core CPU (benchmarks/captioner.py)."""
+    which the export gives: the same captions, one picture in 2.6-3.6 ms of model time against
+    4.9-7.3 ms in PyTorch on a 2-core CPU (benchmarks/captioner.py; README item 18)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime != "torch":
